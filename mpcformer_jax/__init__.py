@@ -1,0 +1,1 @@
+"""mpcformer_jax."""

@@ -1,0 +1,206 @@
+"""MPC-friendly replacements for BERT's two expensive nonlinearities, by name.
+
+Two registries: ``GELU_APPROX`` (the FFN activation) and ``SOFTMAX_APPROX`` (the attention
+normaliser). Configs carry names, never callables, so a config stays hashable and can be a
+static argument of ``jax.jit`` and of SPU compilation. Adding an approximation is one function
+and one registry entry.
+
+Every normaliser takes the attention scores (already scaled by 1/sqrt(head_dim)) and a 0/1 key
+mask broadcastable to the scores, and applies the mask *multiplicatively*: under SPU's fixed
+point a large additive mask (-1e4 as in BERT) corrupts exp, and a quadratic would square it
+(see shared/SPU_NOTES.md). Each row is divided by its sum through one reciprocal per row,
+broadcast over the row, rather than one division per element: under MPC a reciprocal is an
+iterative protocol, a multiplication is one round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# --------------------------------------------------------------------------- GeLU family
+
+
+def gelu(x: Array) -> Array:
+    """Exact GeLU, x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel, 2016).
+
+    Holds everywhere; this is BERT's activation and the reference for all others.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: Array) -> Array:
+    """Tanh GeLU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (Hendrycks & Gimpel, 2016).
+
+    Within 1e-3 of exact GeLU everywhere; HF's ``gelu_new``.
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+def relu(x: Array) -> Array:
+    """ReLU, max(x, 0). Equals GeLU for |x| > 3 up to 4e-3; one comparison under MPC."""
+    return jax.nn.relu(x)
+
+
+def quad(x: Array) -> Array:
+    """MPCFormer's "Quad": 0.125 x^2 + 0.25 x + 0.5 (Li et al., ICLR 2023, Sec. 3.2).
+
+    Not an approximation in the pointwise sense: it tracks GeLU only on about [-2, 2] (the
+    error is 0.5 at x = 0 and grows quadratically outside) and relies on distillation to
+    adapt the network to it. Costs one secret multiplication and no comparison.
+    """
+    return 0.125 * jnp.square(x) + 0.25 * x + 0.5
+
+
+# PUMA (Dong et al., 2023, "PUMA: Secure Inference of LLaMA-7B in Five Minutes", Sec. 4.2),
+# coefficients in ascending powers as published.
+_PUMA_F0 = (-0.5054031199708174, -0.42226581151983866, -0.11807612951181953, -0.011034134030615728)
+_PUMA_F1 = (0.008526321541038084, 0.5, 0.3603292692789629, 0.0, -0.037688200365904236, 0.0,
+            0.0018067462606141187)
+
+
+def puma(x: Array) -> Array:
+    """PUMA's piecewise-polynomial GeLU (Dong et al., 2023).
+
+    0 for x < -4; F0 (cubic) on [-4, -1.95); F1 (degree 6, even powers plus 0.5 x) on
+    [-1.95, 3]; x for x > 3. Within 1.6e-2 of exact GeLU everywhere (tested), so it can
+    replace GeLU without retraining. Costs three comparisons and five multiplications.
+    """
+    x2 = jnp.square(x)
+    x3 = x * x2
+    x4 = jnp.square(x2)
+    x6 = jnp.square(x3)
+    f0 = _PUMA_F0[0] + _PUMA_F0[1] * x + _PUMA_F0[2] * x2 + _PUMA_F0[3] * x3
+    f1 = _PUMA_F1[0] + _PUMA_F1[1] * x + _PUMA_F1[2] * x2 + _PUMA_F1[4] * x4 + _PUMA_F1[6] * x6
+    below_m4 = x < -4.0
+    below_m195 = x < -1.95
+    above_3 = x > 3.0
+    in_f0 = jnp.logical_xor(below_m4, below_m195)
+    in_f1 = jnp.logical_not(jnp.logical_or(below_m195, above_3))
+    dt = x.dtype
+    return above_3.astype(dt) * x + in_f0.astype(dt) * f0 + in_f1.astype(dt) * f1
+
+
+# ---------------------------------------------------------------- softmax family
+
+
+def _normalise(weights: Array, eps: float = 0.0) -> Array:
+    """Divides each row by its sum with one reciprocal per row, broadcast over the row."""
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    if eps:
+        denom = denom + eps
+    return weights * jnp.reciprocal(denom)
+
+
+# Below this, a masked score never wins the row max; small enough to stay far inside
+# SPU's fixed-point range (2^44 at 18 fraction bits), and it never reaches exp.
+_MASK_FLOOR = 1e4
+
+
+def softmax(scores: Array, mask: Array) -> Array:
+    """Exact masked softmax, exp(s - m) * mask / sum, m the row max over unmasked keys.
+
+    Holds for all scores. The mask enters the max as a moderate shift and multiplies the
+    exponentials afterwards, so exp never sees a huge negative argument (SPU's exp of -1e4
+    is wrong; shared/SPU_NOTES.md).
+    """
+    row_max = jnp.max(scores - (1.0 - mask) * _MASK_FLOOR, axis=-1, keepdims=True)
+    # Multiplying by the mask sends masked keys to exp(0) (then zeroed) instead of letting a
+    # masked score above the unmasked max overflow exp; one multiplication, no comparison.
+    shifted = (scores - jax.lax.stop_gradient(row_max)) * mask
+    return _normalise(jnp.exp(shifted) * mask)
+
+
+def two_quad(scores: Array, mask: Array, c: float = 5.0) -> Array:
+    """MPCFormer's "2Quad": (s + c)^2 * mask / row sum, c = 5 (Li et al., ICLR 2023, Sec. 3.2).
+
+    A normaliser, not a pointwise approximation of softmax: it keeps rows non-negative and
+    summing to one and relies on distillation. Intended for scores roughly in [-c, c]; it
+    costs one square and one reciprocal per row, no exp and no max.
+    """
+    return _normalise(jnp.square(scores + c) * mask)
+
+
+def two_relu(scores: Array, mask: Array, eps: float = 1e-6) -> Array:
+    """MPCFormer's "2ReLU": relu(s) * mask / (row sum + eps) (Li et al., ICLR 2023, Sec. 3.2).
+
+    eps keeps a row whose scores are all negative finite (it then attends to nothing).
+    Holds for scores of any range; costs one comparison per score and a reciprocal per row.
+    """
+    return _normalise(jax.nn.relu(scores) * mask, eps=eps)
+
+
+# PUMA's exp is a Taylor series accurate on [-14, 0]; below -14, exp(x) < 1e-6 is dropped.
+_PUMA_EXP_FLOOR = -14.0
+
+
+def puma_softmax(scores: Array, mask: Array) -> Array:
+    """PUMA's softmax (Dong et al., 2023, Sec. 4.2): max-subtracted exp, entries below -14 dropped.
+
+    exp(x) for x = s - max in [-14, 0], 0 below; within 1e-6 of exact softmax per entry. The
+    cut lets SPU's Taylor exp stay on the interval where it is accurate.
+    """
+    row_max = jnp.max(scores - (1.0 - mask) * _MASK_FLOOR, axis=-1, keepdims=True)
+    shifted = (scores - jax.lax.stop_gradient(row_max)) * mask
+    kept = (shifted >= _PUMA_EXP_FLOOR).astype(scores.dtype) * mask
+    return _normalise(jnp.exp(shifted) * kept)
+
+
+# ---------------------------------------------------------------- linear floor
+# The cost floor of issue 5: the same network with nothing in the nonlinearities' places.
+# Not a usable model; present so a benchmark can name it like any other variant.
+
+
+def identity(x: Array) -> Array:
+    """No activation, f(x) = x. The linear floor of the benchmark; not a usable model."""
+    return x
+
+
+def mask_only(scores: Array, mask: Array) -> Array:
+    """No normaliser, f(s) = s * mask. The linear floor of the benchmark; not a usable model."""
+    return scores * mask
+
+
+ActivationFn = Callable[[Array], Array]
+NormaliserFn = Callable[[Array, Array], Array]
+
+GELU_APPROX: dict[str, ActivationFn] = {
+    "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
+    "relu": relu,
+    "quad": quad,
+    "puma": puma,
+    "identity": identity,
+}
+
+SOFTMAX_APPROX: dict[str, NormaliserFn] = {
+    "softmax": softmax,
+    "2quad": two_quad,
+    "2relu": two_relu,
+    "puma": puma_softmax,
+    "identity": mask_only,
+}
+
+
+def _lookup(registry: dict, kind: str, name: str):
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown {kind} approximation {name!r}. Available {kind} approximations are: "
+            f"{', '.join(sorted(registry))}."
+        ) from None
+
+
+def get_activation(name: str) -> ActivationFn:
+    """Returns the GeLU replacement registered as ``name``; ValueError lists the valid names."""
+    return _lookup(GELU_APPROX, "activation", name)
+
+
+def get_normaliser(name: str) -> NormaliserFn:
+    """Returns the softmax replacement registered as ``name``; ValueError lists the valid names."""
+    return _lookup(SOFTMAX_APPROX, "softmax", name)

@@ -1,0 +1,251 @@
+"""A Flax BERT family whose GeLU and softmax are chosen by name.
+
+Submodules are named after Hugging Face's parameter paths (``embeddings/word_embeddings``,
+``encoder/layer/0/attention/self/query``...), so checkpoints load by an almost-identity map.
+Attention is written here rather than taken from flax or transformers, because theirs hardcode
+``jax.nn.softmax``; the normaliser is passed in by name instead of patching ``jax.nn``.
+
+Every layer returns its intermediates (pre-normaliser scores, output hidden states) so
+layer-wise distillation can read them; inference ignores them and jit drops them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mpcformer_jax import approx
+from mpcformer_jax.models.config import BertConfig
+
+Array = jax.Array
+
+
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+    init = nn.initializers.normal(stddev=config.initializer_range)
+    return nn.Dense(features, kernel_init=init, name=name)
+
+
+def _layer_norm(config: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
+
+
+def _lookup(table: nn.Embed, ids: Array) -> Array:
+    """Token lookup from integer ids, or from one-hot rows as a matmul.
+
+    Under MPC the client one-hot encodes its own tokens before sharing them: a one-hot
+    matmul costs no secret comparison, whereas indexing a secret table with secret ids costs
+    an equality test per vocabulary entry per token.
+    """
+    if ids.ndim == 3:
+        return jnp.einsum("blv,vh->blh", ids.astype(table.embedding.dtype), table.embedding)
+    return table(ids)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Array, token_type_ids: Array | None, deterministic: bool):
+        cfg = self.config
+        init = nn.initializers.normal(stddev=cfg.initializer_range)
+        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                         name="word_embeddings")
+        positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                             name="position_embeddings")
+        types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                         name="token_type_embeddings")
+        seq_len = input_ids.shape[1]
+        # Positions are public: they depend on the padded length only. Right padding is
+        # assumed (padded positions are masked out of every attention row).
+        pos = positions.embedding[cfg.position_offset: cfg.position_offset + seq_len]
+        if token_type_ids is None:
+            # Single-segment input: the same public row for every token, no lookup at all.
+            tok_types = types.embedding[0]
+        else:
+            tok_types = _lookup(types, token_type_ids)
+        x = _lookup(words, input_ids) + pos[None] + tok_types
+        x = _layer_norm(cfg)(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool):
+        cfg = self.config
+        batch, seq_len, _ = x.shape
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+
+        def split(t):
+            return t.reshape(batch, seq_len, heads, head_dim)
+
+        q = split(_dense(cfg, cfg.hidden_size, "query")(x))
+        k = split(_dense(cfg, cfg.hidden_size, "key")(x))
+        v = split(_dense(cfg, cfg.hidden_size, "value")(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(head_dim))
+        key_mask = mask[:, None, None, :].astype(scores.dtype)
+        probs = approx.get_normaliser(cfg.softmax_act)(scores, key_mask)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq_len, cfg.hidden_size)
+        return context, scores
+
+
+class BertResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(residual + .): HF's ``*Output`` blocks."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, residual: Array, deterministic: bool):
+        cfg = self.config
+        x = _dense(cfg, cfg.hidden_size, "dense")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _layer_norm(cfg)(x + residual)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool):
+        context, scores = BertSelfAttention(self.config, name="self")(x, mask, deterministic)
+        out = BertResidualOutput(self.config, name="output")(context, x, deterministic)
+        return out, scores
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array):
+        x = _dense(self.config, self.config.intermediate_size, "dense")(x)
+        return approx.get_activation(self.config.hidden_act)(x)
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool):
+        attended, scores = BertAttention(self.config, name="attention")(x, mask, deterministic)
+        hidden = BertIntermediate(self.config, name="intermediate")(attended)
+        out = BertResidualOutput(self.config, name="output")(hidden, attended, deterministic)
+        return out, scores
+
+
+class BertLayerStack(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool):
+        hidden_states, scores = [], []
+        for i in range(self.config.num_hidden_layers):
+            x, s = BertLayer(self.config, name=str(i))(x, mask, deterministic)
+            hidden_states.append(x)
+            scores.append(s)
+        return x, tuple(hidden_states), tuple(scores)
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, deterministic: bool):
+        return BertLayerStack(self.config, name="layer")(x, mask, deterministic)
+
+
+class BertPooler(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: Array):
+        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
+
+
+class BertModel(nn.Module):
+    """The encoder with pooler, parameter tree equal to transformers' ``FlaxBertModel``.
+
+    Returns ``(sequence_output, pooled, intermediates)`` where ``intermediates`` holds
+    ``embeddings`` (B, L, H), ``hidden_states`` (one (B, L, H) per layer) and
+    ``attention_scores`` (one (B, heads, L, L) per layer, scaled, before the normaliser).
+    """
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True):
+        emb = BertEmbeddings(self.config, name="embeddings")(input_ids, token_type_ids,
+                                                             deterministic)
+        x, hidden_states, scores = BertEncoder(self.config, name="encoder")(
+            emb, attention_mask, deterministic)
+        pooled = BertPooler(self.config, name="pooler")(x)
+        intermediates = {"embeddings": emb, "hidden_states": hidden_states,
+                         "attention_scores": scores}
+        return x, pooled, intermediates
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT + pooler + dropout + linear head; the tree equals ``FlaxBertForSequenceClassification``.
+
+    Call with ``input_ids`` (B, L) int or (B, L, vocab) one-hot, ``attention_mask`` (B, L) of
+    0/1, optional ``token_type_ids``. Returns logits (B, num_labels), and the intermediates
+    of ``BertModel`` as well when ``output_intermediates`` is set.
+    """
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True,
+                 output_intermediates=False):
+        cfg = self.config
+        _, pooled, intermediates = BertModel(cfg, name="bert")(
+            input_ids, attention_mask, token_type_ids, deterministic)
+        pooled = nn.Dropout(cfg.hidden_dropout_prob)(pooled, deterministic=deterministic)
+        logits = _dense(cfg, cfg.num_labels, "classifier")(pooled)
+        return (logits, intermediates) if output_intermediates else logits
+
+
+# --------------------------------------------------------------------------- functional API
+
+
+def init_params(config: BertConfig, rng: Array | int = 0) -> dict[str, Any]:
+    """Randomly initialised parameters of ``BertForSequenceClassification(config)``."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return BertForSequenceClassification(config).init(rng, ids, jnp.ones((1, 2)))["params"]
+
+
+def forward(config: BertConfig, params, input_ids, attention_mask, token_type_ids=None, *,
+            deterministic: bool = True, output_intermediates: bool = False, rngs=None):
+    """The model as a pure function of its parameters and inputs (config is static).
+
+    Args:
+      config: the model's hyperparameters and approximation names.
+      params: the parameter tree (as from ``init_params`` or ``load_pretrained``).
+      input_ids: (B, L) int token ids, or (B, L, vocab) one-hot rows (the private path).
+      attention_mask: (B, L) 0/1, 1 for real tokens.
+      token_type_ids: optional (B, L) segment ids, or (B, L, type_vocab) one-hot.
+      deterministic: False enables dropout (then ``rngs={"dropout": key}`` is needed).
+      output_intermediates: also return the layer-wise intermediates.
+
+    Returns:
+      Logits (B, num_labels), or ``(logits, intermediates)``.
+    """
+    return BertForSequenceClassification(config).apply(
+        {"params": params}, input_ids, attention_mask, token_type_ids, deterministic,
+        output_intermediates, rngs=rngs)
+
+
+def make_apply(config: BertConfig):
+    """``apply(params, input_ids, attention_mask) -> logits``: the function SPU compiles."""
+
+    def apply(params, input_ids, attention_mask):
+        return forward(config, params, input_ids, attention_mask)
+
+    return apply

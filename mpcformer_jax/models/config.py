@@ -1,0 +1,211 @@
+"""BertConfig: the hyperparameters of one BERT-family model, frozen and hashable.
+
+Hashable so a config can be a static argument of ``jax.jit`` and a key of SPU's compile cache.
+Approximations are carried by name (see ``mpcformer_jax.approx``), never as callables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mpcformer_jax import approx
+
+# Hugging Face's activation names -> ours (HF's "gelu" is the exact erf form).
+_HF_ACT_TO_OURS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
+_OURS_TO_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyperparameters of a BERT or RoBERTa encoder with a sequence-classification head.
+
+    Attributes mirror Hugging Face's ``BertConfig`` where they share a name. Beyond them:
+      hidden_act: name in ``approx.GELU_APPROX`` used in every FFN ("gelu" is BERT's own).
+      softmax_act: name in ``approx.SOFTMAX_APPROX`` used as the attention normaliser.
+      num_labels: classes of the head; 1 means regression (MSE, as HF's ``problem_type``).
+      label_names: display names of the classes (``id2label``), empty for LABEL_i.
+      is_roberta: RoBERTa's layout: positions start at ``pad_token_id + 1`` and the
+        classification head's names differ (``classifier.dense``/``out_proj``).
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    hidden_act: str = "gelu"
+    softmax_act: str = "softmax"
+    num_labels: int = 2
+    is_roberta: bool = False
+    label_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        approx.get_activation(self.hidden_act)  # raises with the valid names
+        approx.get_normaliser(self.softmax_act)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}."
+            )
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1 (1 = regression), got {self.num_labels}.")
+        if self.label_names and len(self.label_names) != self.num_labels:
+            raise ValueError(f"label_names has {len(self.label_names)} names for "
+                             f"{self.num_labels} labels.")
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                      "max_position_embeddings", "type_vocab_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Class names: ``label_names`` or LABEL_0, LABEL_1, ..."""
+        return self.label_names or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+
+    @property
+    def position_offset(self) -> int:
+        """First position id: RoBERTa reserves ids up to its padding index."""
+        return self.pad_token_id + 1 if self.is_roberta else 0
+
+    @property
+    def max_length(self) -> int:
+        """Longest token sequence the position table allows."""
+        return self.max_position_embeddings - self.position_offset
+
+    def replace(self, **changes: Any) -> BertConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_approx(self, hidden_act: str, softmax_act: str) -> BertConfig:
+        """The same architecture with other approximations: how a student is made."""
+        return self.replace(hidden_act=hidden_act, softmax_act=softmax_act)
+
+    # ------------------------------------------------------------------ named variants
+    @classmethod
+    def base(cls, **overrides: Any) -> BertConfig:
+        """BERT-base shape: 12 layers, hidden 768, 12 heads, FFN 3072."""
+        return cls(**overrides)
+
+    @classmethod
+    def large(cls, **overrides: Any) -> BertConfig:
+        """BERT-large shape: 24 layers, hidden 1024, 16 heads, FFN 4096."""
+        kw = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                  intermediate_size=4096)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def minilm_l6(cls, **overrides: Any) -> BertConfig:
+        """all-MiniLM-L6-v2 shape: 6 layers, hidden 384, 12 heads, FFN 1536."""
+        kw = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                  intermediate_size=1536)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> BertConfig:
+        """A model small enough for unit tests and SPU smoke runs (2 layers, hidden 32)."""
+        kw = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+        return cls(**{**kw, **overrides})
+
+    # ------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> BertConfig:
+        """Builds a config from a Hugging Face ``config.json`` dict (bert or roberta).
+
+        Approximation names saved by ``to_hf_config`` (the ``mpcformer`` entry) are restored.
+        """
+        model_type = hf.get("model_type", "bert")
+        if model_type not in ("bert", "roberta"):
+            raise ValueError(
+                f"Unsupported model_type {model_type!r}: mpcformer_jax loads 'bert' and "
+                "'roberta' checkpoints."
+            )
+        act = hf.get("hidden_act", "gelu")
+        if act not in _HF_ACT_TO_OURS:
+            raise ValueError(f"Unsupported hidden_act {act!r} in config.json; "
+                             f"supported: {', '.join(sorted(_HF_ACT_TO_OURS))}.")
+        ours = hf.get("mpcformer", {})
+        num_labels = hf.get("num_labels")
+        if num_labels is None:
+            num_labels = len(hf["id2label"]) if "id2label" in hf else 2
+        if hf.get("problem_type") == "regression":
+            num_labels = 1
+        names = tuple(hf["id2label"][str(i)] for i in range(num_labels)) \
+            if "id2label" in hf and len(hf["id2label"]) == num_labels else ()
+        if all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+            names = ()
+        kw = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            hidden_dropout_prob=hf.get("hidden_dropout_prob", 0.1),
+            attention_probs_dropout_prob=hf.get("attention_probs_dropout_prob", 0.1),
+            initializer_range=hf.get("initializer_range", 0.02),
+            pad_token_id=hf.get("pad_token_id", 1 if model_type == "roberta" else 0),
+            hidden_act=ours.get("hidden_act", _HF_ACT_TO_OURS[act]),
+            softmax_act=ours.get("softmax_act", "softmax"),
+            num_labels=num_labels,
+            is_roberta=model_type == "roberta",
+            label_names=names,
+        )
+        return cls(**{**kw, **overrides})
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict; our approximation names go in ``mpcformer``.
+
+        ``hidden_act`` stays a name transformers understands, so the file also loads there
+        (with exact activations).
+        """
+        model_type = "roberta" if self.is_roberta else "bert"
+        arch = "RobertaForSequenceClassification" if self.is_roberta else \
+            "BertForSequenceClassification"
+        return {
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_dropout_prob": self.hidden_dropout_prob,
+            "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+            "initializer_range": self.initializer_range,
+            "pad_token_id": self.pad_token_id,
+            "hidden_act": _OURS_TO_HF_ACT.get(self.hidden_act, "gelu"),
+            "num_labels": self.num_labels,
+            "problem_type": "regression" if self.is_regression else "single_label_classification",
+            "id2label": {str(i): n for i, n in enumerate(self.labels)},
+            "label2id": {n: i for i, n in enumerate(self.labels)},
+            "mpcformer": {"hidden_act": self.hidden_act, "softmax_act": self.softmax_act},
+        }
