@@ -1,0 +1,145 @@
+"""Research API: ``run(model, batch, protocol=...)`` -> private logits + cost report.
+
+    from mpcformer_jax.private import run
+    result = run("out/student", ["a gripping film", "dull"], protocol="ABY3", max_length=32)
+    result.logits, result.report.format(), result.max_abs_diff, result.label_agreement
+
+The forward compiles once per (model config, batch shape, compiler options) and is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mpcformer_jax.private.compile import compile_cached
+from mpcformer_jax.private.config import ClusterConfig, ConfigError, load_config
+from mpcformer_jax.private.cost import CostReport
+from mpcformer_jax.private.model import encode_client_inputs, make_private_forward, tokenize
+
+DEFAULT_CONFIGS = {"ABY3": "aby3_3pc", "SEMI2K": "semi2k_2pc", "CHEETAH": "cheetah_2pc"}
+
+
+@dataclasses.dataclass
+class PrivateResult:
+    """Logits revealed to the client, the cost report, and the plaintext comparison."""
+
+    logits: np.ndarray
+    report: CostReport
+    plaintext_logits: np.ndarray | None = None
+    max_abs_diff: float | None = None
+    label_agreement: float | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.argmax(self.logits, axis=-1)
+
+
+def resolve_cluster(protocol: str | None, config: str | os.PathLike | ClusterConfig | None,
+                    ) -> ClusterConfig:
+    """A ClusterConfig from an explicit config, or the ready config of ``protocol``."""
+    if config is not None:
+        cluster = config if isinstance(config, ClusterConfig) else load_config(config)
+        if protocol is not None and cluster.protocol != protocol.upper():
+            raise ConfigError(f"protocol={protocol!r} but the config says {cluster.protocol!r}")
+        return cluster
+    name = (protocol or "ABY3").upper()
+    if name not in DEFAULT_CONFIGS:
+        raise ConfigError(f"unknown protocol {protocol!r}; choose one of {sorted(DEFAULT_CONFIGS)}")
+    return load_config(DEFAULT_CONFIGS[name])
+
+
+def load_model(model: Any):
+    """(config, params, tokenizer) from a folder/name or a (config, params[, tokenizer]) tuple."""
+    if isinstance(model, str | os.PathLike):
+        from mpcformer_jax.models import load_pretrained
+
+        return load_pretrained(Path(model) if Path(model).exists() else model)
+    if isinstance(model, tuple) and len(model) in (2, 3):
+        return (*model, None) if len(model) == 2 else model
+    raise TypeError("model must be a folder, a short name, or a (config, params[, tokenizer]) "
+                    f"tuple; got {type(model).__name__}")
+
+
+def prepare_batch(config, tokenizer, batch, max_length: int | None):
+    """Token ids and mask (int arrays) from texts or from a dict with input_ids/attention_mask."""
+    if isinstance(batch, dict):
+        ids = np.asarray(batch["input_ids"])
+        mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+        return ids, mask
+    if isinstance(batch, str):
+        batch = [batch]
+    if isinstance(batch, Sequence) and all(isinstance(t, str) for t in batch):
+        return tokenize(tokenizer, batch, max_length or min(128, config.max_length))
+    raise TypeError("batch must be texts or {'input_ids': (B, L), 'attention_mask': (B, L)}")
+
+
+def compile_for(config, params, one_hot: np.ndarray, mask: np.ndarray,
+                cluster: ClusterConfig, attribution: str = "segments"):
+    """The cached compiled forward of ``config`` at this batch shape."""
+    fn = make_private_forward(config)
+    return compile_cached(config, fn, params, (one_hot, mask), cluster.compiler_options(),
+                          attribution)
+
+
+def run(model, batch, protocol: str | None = None, *, config=None, max_length: int | None = None,
+        backend: str = "threads", attribution: str = "segments", compare: bool = True,
+        timeout_s: float | None = None) -> PrivateResult:
+    """Runs one private forward pass and reports its cost.
+
+    Args:
+      model: an exported folder (or short name such as ``minilm-l6``), or a
+        ``(config, params[, tokenizer])`` tuple.
+      batch: texts (needs the model's tokenizer) or ``{"input_ids", "attention_mask"}``.
+      protocol: "ABY3", "SEMI2K" or "CHEETAH" (uses ``spu_configs/<ready config>``).
+      config: a config name, path or ClusterConfig (overrides the ready config).
+      max_length: padded length for texts (default: min(128, model positions)).
+      backend: "threads" (all parties in this process; per-party link totals unavailable) or
+        "processes" (one process per node over brpc on loopback; exact per-party figures).
+      attribution: "segments" (exact per-group costs) or "ops" (one executable, grouped by
+        pphlo op name).
+      compare: also run the plaintext forward and report max |logit diff| and label agreement.
+      timeout_s: bound on every wait (default: the config's ``timeout_s``).
+
+    Returns:
+      A PrivateResult.
+    """
+    cluster = resolve_cluster(protocol, config)
+    model_config, params, tokenizer = load_model(model)
+    ids, mask = prepare_batch(model_config, tokenizer, batch, max_length)
+    one_hot, mask_f = encode_client_inputs(model_config, ids, mask)
+    start = time.perf_counter()
+    compiled = compile_for(model_config, params, one_hot, mask_f, cluster, attribution)
+    compile_s = time.perf_counter() - start  # about 0 when the cache already held it
+    owner = dict(zip(compiled.param_names,
+                     (np.asarray(x) for x in jax.tree_util.tree_leaves(params)), strict=True))
+    client = dict(zip(compiled.input_names, (one_hot, mask_f), strict=True))
+    timeout = timeout_s or cluster.timeout_s
+    if backend == "threads":
+        from mpcformer_jax.private.simulate import run_threads
+
+        logits, report = run_threads(compiled, cluster.runtime_config(), cluster.world_size,
+                                     owner, client, timeout)
+    elif backend == "processes":
+        from mpcformer_jax.private.cluster import run_local_nodes
+
+        logits, report = run_local_nodes(compiled, cluster, owner, client, timeout)
+    else:
+        raise ValueError(f"backend must be 'threads' or 'processes', got {backend!r}")
+    report.compile_s = compile_s
+    result = PrivateResult(logits, report)
+    if compare:
+        plain = np.asarray(jax.jit(make_private_forward(model_config))(params, one_hot, mask_f))
+        result.plaintext_logits = plain
+        result.max_abs_diff = float(np.max(np.abs(plain - logits)))
+        result.label_agreement = float(np.mean(plain.argmax(-1) == logits.argmax(-1)))
+        report.extra.update(max_abs_diff=result.max_abs_diff,
+                            label_agreement=result.label_agreement)
+    return result
