@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints written as PyTorch-named safetensors."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+
+def write_hf_folder(folder: Path, hf_config, flax_params) -> Path:
+    """Writes a transformers Flax model's params as an HF folder with PyTorch key names.
+
+    The naming rule is transformers' own (PyTorch -> Flax): dots between modules, ``weight``
+    for kernels (transposed), LayerNorm scales and embeddings. It is spelled out here,
+    independently of mpcformer_jax's loader, so the loader is tested against it.
+    """
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key_path, value in jax.tree_util.tree_flatten_with_path(flax_params)[0]:
+        *mods, leaf = [k.key for k in key_path]
+        value = np.asarray(value)
+        if leaf == "kernel":
+            value = value.T
+        name = ".".join(mods) + (".bias" if leaf == "bias" else ".weight")
+        tensors[name] = np.ascontiguousarray(value)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config.to_dict()))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_bert(tmp_path_factory):
+    """(folder, transformers model): a random 2-layer BertForSequenceClassification."""
+    from transformers import BertConfig as HFBertConfig
+    from transformers import FlaxBertForSequenceClassification
+
+    hf_config = HFBertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=37,
+                             max_position_embeddings=64, num_labels=3)
+    model = FlaxBertForSequenceClassification(hf_config, seed=1)
+    folder = write_hf_folder(tmp_path_factory.mktemp("tiny_bert"), hf_config, model.params)
+    # The PyTorch class nests the encoder under "bert."; our writer mirrors the Flax tree,
+    # which already does.
+    return folder, model
