@@ -1,0 +1,46 @@
+"""The default run: MiniLM-L6 on rt, one quad+2quad student, on 2 CPU cores in ~11 min.
+
+Command (no arguments means this config):
+    python -m experiments.distill                   # same as --config default
+    python -m experiments.distill --config default:smoke   # ~2 min pipeline check
+
+Subsampled so it finishes on a laptop-class CPU: 1,600 of rt's 10,643 training snippets,
+400 dev snippets (checkpoint selection) and the full 965-snippet test split; max_length 64
+(rt's 99th percentile is 55 tokens) with buckets 32 and 64. Stages: teacher 2 epochs,
+stage 1 2 epochs, stage 2 1 epoch, baseline 3 epochs (= stage 1 + stage 2 passes).
+
+Expected output: the progress of each stage, then a table with the teacher, the quad+2quad
+student (KD) and the no-KD baseline on the test split, e.g. (measured, see README.md)
+
+    | model           | approx       | dev main | test accuracy | % of teacher |
+    | teacher         | gelu+softmax | ...      | ~0.78         | 100.0%       |
+    | student (KD)    | quad+2quad   | ...      | ...           | ...          |
+    | baseline (no KD)| quad+2quad   | ...      | ...           | ...          |
+    exported quad+2quad student: runs/default/student
+
+Outputs in runs/default/: config.json, metrics.jsonl, results.json, results.md, ckpt/,
+teacher/ and student/ (``save_pretrained`` folders; ``spu_run --model runs/default/student``).
+"""
+
+from __future__ import annotations
+
+from experiments.configs.common import smoke
+from mpcformer_jax.train.config import DistillConfig, StageConfig
+
+
+def get_config(variant: str = "") -> DistillConfig:
+    """The default config; ``variant="smoke"`` gives the ~2-minute pipeline check."""
+    cfg = DistillConfig(
+        name="default", task="rt", max_train=1600, max_dev=400, max_test=0,
+        model="minilm-l6", max_length=64, buckets=(32, 64),
+        approximations=("quad+2quad",),
+        teacher=StageConfig(epochs=2, batch_size=32, learning_rate=1e-4),
+        stage1=StageConfig(epochs=2, batch_size=32, learning_rate=1e-4),
+        stage2=StageConfig(epochs=1, batch_size=32, learning_rate=5e-5),
+        baseline=StageConfig(epochs=3, batch_size=32, learning_rate=1e-4),
+        out_dir="runs/default")
+    if variant == "smoke":
+        return smoke(cfg)
+    if variant:
+        raise ValueError(f"Unknown variant {variant!r} of config 'default'; available: smoke.")
+    return cfg

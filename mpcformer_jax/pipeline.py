@@ -1,0 +1,205 @@
+"""The whole MPCFormer recipe as one importable function, ``run_pipeline(DistillConfig)``.
+
+    teacher = fine-tune(pretrained, exact GeLU + softmax)               [labels]
+    for each approximation pair (e.g. quad+2quad):
+        student = teacher weights + approximations (+ layer map)
+        stage 1: layer-wise KD (embeddings, hidden states, attention scores)
+        stage 2: prediction KD (soft cross-entropy at a temperature / MSE)
+        baseline: the same student fine-tuned on labels, no distillation
+    test-split evaluation of all of them -> table; export of each student
+
+Every stage checkpoints under ``out_dir/ckpt``; running the same config again resumes where a
+killed run stopped and skips finished stages. The config is written to ``out_dir/config.json``
+and a run refuses to continue a folder written by a different config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mpcformer_jax.data import load_task, tokenize_split
+from mpcformer_jax.models import BertConfig, load_pretrained, resolve_checkpoint, save_pretrained
+from mpcformer_jax.train import parallel
+from mpcformer_jax.train.config import DistillConfig, parse_pair
+from mpcformer_jax.train.evaluation import JsonlLog, evaluate
+from mpcformer_jax.train.loop import run_stage
+from mpcformer_jax.train.steps import make_predict_step
+
+log = logging.getLogger(__name__)
+
+
+def default_layer_map(n_student: int, n_teacher: int) -> tuple[int, ...]:
+    """Evenly spaced teacher layers ending on the last one (TinyBERT's uniform mapping)."""
+    return tuple((i + 1) * n_teacher // n_student - 1 for i in range(n_student))
+
+
+def check_config(cfg: DistillConfig) -> BertConfig:
+    """Checks what the dataclass cannot check alone, before any work: that the model exists,
+    that ``max_length`` fits its positions and that the layer map fits its layers.
+
+    Returns:
+      The teacher's BertConfig as read from the checkpoint's config.json.
+
+    Raises:
+      FileNotFoundError / OSError: the model is neither a folder, a short name nor reachable.
+      ValueError: max_length or the layer settings do not fit the model.
+    """
+    folder = resolve_checkpoint(cfg.model)
+    hf = json.loads((folder / "config.json").read_text())
+    model = BertConfig.from_hf_config(hf)
+    if cfg.max_length > model.max_length:
+        raise ValueError(f"max_length={cfg.max_length} exceeds the {model.max_length} positions "
+                         f"of model {cfg.model!r}; use max_length <= {model.max_length}.")
+    n_teacher = model.num_hidden_layers
+    n_student = cfg.student_layers or n_teacher
+    if n_student > n_teacher:
+        raise ValueError(f"student_layers={n_student} exceeds the teacher's {n_teacher} layers.")
+    layer_map = cfg.layer_map or default_layer_map(n_student, n_teacher)
+    if len(layer_map) != n_student or not all(0 <= j < n_teacher for j in layer_map):
+        raise ValueError(f"layer_map {layer_map} must give one teacher layer in [0, {n_teacher}) "
+                         f"for each of the {n_student} student layers.")
+    return model
+
+
+def make_student(teacher_config: BertConfig, teacher_params, pair: str,
+                 layer_map: tuple[int, ...]) -> tuple[BertConfig, Any]:
+    """The teacher's architecture with the pair's approximations, initialised from its weights.
+
+    Args:
+      teacher_config, teacher_params: the fine-tuned teacher.
+      pair: "<gelu>+<softmax>", e.g. "quad+2quad".
+      layer_map: the teacher layer each student layer copies (and imitates in stage 1).
+
+    Returns:
+      ``(student_config, student_params)``; params are host copies (the teacher is untouched).
+    """
+    act, norm = parse_pair(pair)
+    config = teacher_config.with_approx(act, norm).replace(num_hidden_layers=len(layer_map))
+    params = jax.tree_util.tree_map(np.array, jax.device_get(teacher_params))
+    layers = params["bert"]["encoder"]["layer"]
+    params["bert"]["encoder"]["layer"] = {str(i): layers[str(j)] for i, j in enumerate(layer_map)}
+    return config, params
+
+
+def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
+    out = Path(cfg.out_dir)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.json"
+    current = cfg.to_dict()
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(current)):
+        raise ValueError(f"{out} holds a run with a different config ({saved}). Resume it with "
+                         "the same config, pass --fresh to start over, or choose another "
+                         "out_dir.")
+    saved.write_text(json.dumps(current, indent=2) + "\n")
+    return out
+
+
+def run_pipeline(cfg: DistillConfig, *, fresh: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) the whole pipeline of ``cfg``.
+
+    Args:
+      cfg: the validated run config.
+      fresh: delete ``cfg.out_dir`` first instead of resuming it.
+
+    Returns:
+      A JSON-ready dict: ``rows`` (one per model: name, approx, dev and test metrics, ratio to
+      the teacher's test score), ``exports`` (pair -> exported student folder), ``seconds``.
+      Also written to ``out_dir/results.json`` and, as a table, ``out_dir/results.md``.
+    """
+    start = time.time()
+    check_config(cfg)
+    parallel.maybe_initialize_distributed()
+    out = _prepare_out_dir(cfg, fresh)
+    run_log = JsonlLog(out / "metrics.jsonl")
+    run_log.write(event="start", config=cfg.to_dict(), devices=jax.device_count())
+    mesh = parallel.make_mesh()
+
+    task = load_task(cfg.task, max_examples={"train": cfg.max_train or None,
+                                             "dev": cfg.max_dev or None,
+                                             "test": cfg.max_test or None},
+                     subsample_seed=cfg.seed)
+    teacher_config, params, tokenizer = load_pretrained(
+        cfg.model, num_labels=task.num_labels, seed=cfg.seed,
+        label_names=tuple(task.label_names or ()))
+    if tokenizer is None:
+        raise ValueError(f"Model {cfg.model!r} has no tokenizer files.")
+    data = {name: tokenize_split(split, tokenizer, cfg.max_length, teacher_config.max_length)
+            for name, split in task.splits.items()}
+    run_log.write(event="data", task=cfg.task, **{k: len(v) for k, v in data.items()})
+    buckets = cfg.buckets or None
+    common = dict(metric_names=task.metrics, log=run_log, mesh=mesh, seed=cfg.seed,
+                  buckets=buckets, eval_batch_size=cfg.eval_batch_size,
+                  run_config=cfg.to_dict())
+
+    def test_score(config, model_params, desc):
+        return evaluate(make_predict_step(config), model_params, data["test"], task.metrics,
+                        cfg.eval_batch_size, mesh, buckets, desc=desc)
+
+    teacher = run_stage("teacher", "task", cfg.teacher, teacher_config, params, data["train"],
+                        data["dev"], ckpt_dir=out / "ckpt" / "teacher", **common)
+    rows = [{"model": "teacher", "approx": "gelu+softmax", "dev": teacher.dev.get("main"),
+             "test": test_score(teacher_config, teacher.params, "teacher test")}]
+    save_pretrained(out / "teacher", teacher_config, jax.device_get(teacher.params), tokenizer)
+    teacher_main = rows[0]["test"]["main"]
+
+    n_student = cfg.student_layers or teacher_config.num_hidden_layers
+    layer_map = cfg.layer_map or default_layer_map(n_student, teacher_config.num_hidden_layers)
+    exports = {}
+    for pair in cfg.approximations:
+        where = out if len(cfg.approximations) == 1 else out / pair
+        ckpt = out / "ckpt" / pair
+        student_config, student_params = make_student(teacher_config, teacher.params, pair,
+                                                      layer_map)
+        distill = dict(teacher_config=teacher_config, teacher_params=teacher.params, **common)
+        s1 = run_stage(f"{pair} stage1", "layerwise", cfg.stage1, student_config,
+                       student_params, data["train"], data["dev"], ckpt_dir=ckpt / "stage1",
+                       layer_map=layer_map, **distill)
+        s2 = run_stage(f"{pair} stage2", "prediction", cfg.stage2, student_config, s1.params,
+                       data["train"], data["dev"], ckpt_dir=ckpt / "stage2",
+                       temperature=cfg.temperature, **distill)
+        rows.append({"model": "student (KD)", "approx": pair, "dev": s2.dev.get("main"),
+                     "test": test_score(student_config, s2.params, f"{pair} student test")})
+        exports[pair] = str(save_pretrained(where / "student", student_config,
+                                            jax.device_get(s2.params), tokenizer))
+        if cfg.run_baseline:
+            base = run_stage(f"{pair} baseline", "task", cfg.baseline, student_config,
+                             student_params, data["train"], data["dev"],
+                             ckpt_dir=ckpt / "baseline", **common)
+            rows.append({"model": "baseline (no KD)", "approx": pair,
+                         "dev": base.dev.get("main"),
+                         "test": test_score(student_config, base.params, f"{pair} baseline test")})
+    for row in rows:
+        row["vs_teacher"] = row["test"]["main"] / teacher_main if teacher_main else None
+    results = {"name": cfg.name, "task": cfg.task, "sizes": {k: len(v) for k, v in data.items()},
+               "rows": rows, "exports": exports, "seconds": round(time.time() - start, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(format_table(results) + "\n")
+    run_log.write(event="results", **results)
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table: one row per model, test metrics and % of the teacher."""
+    rows = results["rows"]
+    names = [k for k in rows[0]["test"] if k != "main"]
+    head = ["model", "approx", "dev main", *[f"test {n}" for n in names], "% of teacher"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        dev = "-" if r["dev"] is None else f"{r['dev']:.4f}"
+        ratio = "-" if r["vs_teacher"] is None else f"{100 * r['vs_teacher']:.1f}%"
+        cells = [r["model"], r["approx"], dev, *[f"{r['test'][n]:.4f}" for n in names], ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    sizes = results["sizes"]
+    lines.append(f"\n{results['task']}: train {sizes['train']}, dev {sizes['dev']}, test "
+                 f"{sizes['test']} examples; {results['seconds']:.0f} s.")
+    return "\n".join(lines)

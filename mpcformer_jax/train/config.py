@@ -1,0 +1,199 @@
+"""Frozen, validated configs of a distillation run, and ``a.b=value`` overrides.
+
+A config is a tree of frozen dataclasses: hashable, printable, written beside the checkpoints
+as JSON, and checked field by field when built, so a typo fails before any work. Experiment
+files (``experiments/configs/*.py``) build one in ``get_config()``; the command line changes
+fields with ``--set stage1.epochs=2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from mpcformer_jax import approx
+
+SCHEDULES = ("constant", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Optimisation of one training stage (teacher fine-tune, stage 1, stage 2 or baseline).
+
+    Attributes:
+      epochs: passes over the training split (0 skips the stage).
+      batch_size: global batch size (split over all devices).
+      learning_rate: peak learning rate.
+      warmup_ratio: fraction of the steps spent warming up linearly from 0.
+      schedule: after warmup, "constant" or "linear" decay to 0.
+      weight_decay: AdamW decoupled decay (not applied to biases and LayerNorm).
+      clip_norm: global gradient-norm clip (0 disables it).
+      evals_per_epoch: dev evaluations (each followed by a checkpoint) per epoch.
+      checkpoint_every: also checkpoint every this many steps (0: only at evaluations).
+      max_steps: stop after this many steps (0: no cap); for smoke runs.
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    evals_per_epoch: int = 1
+    checkpoint_every: int = 0
+    max_steps: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {self.schedule!r}; available: {SCHEDULES}.")
+        for name in ("epochs", "checkpoint_every", "max_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.batch_size < 1 or self.evals_per_epoch < 1:
+            raise ValueError("batch_size and evals_per_epoch must be >= 1.")
+        if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("learning_rate must be > 0 and warmup_ratio in [0, 1).")
+
+
+def parse_pair(pair: str) -> tuple[str, str]:
+    """Splits "quad+2quad" into (GeLU replacement, softmax replacement), both validated."""
+    act, sep, norm = pair.partition("+")
+    if not sep:
+        raise ValueError(f"Approximation pair {pair!r} must read '<gelu>+<softmax>', e.g. "
+                         "'quad+2quad'.")
+    approx.get_activation(act)  # ValueError naming the valid ones
+    approx.get_normaliser(norm)
+    return act, norm
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """The whole pipeline: teacher fine-tune, then per approximation pair stage 1, stage 2 and
+    the no-distillation baseline, then test evaluation and export.
+
+    Attributes:
+      name: label of the run (shown in the table).
+      task: a task of ``mpcformer_jax.data.TASKS``.
+      max_train, max_dev, max_test: keep at most this many examples of a split (0 = all),
+        chosen by a seeded permutation.
+      model: checkpoint of the teacher: a short name (``minilm-l6``) or a folder.
+      max_length: token truncation length; must fit the model's position table.
+      buckets: padded lengths a batch may take (empty: powers of two up to max_length).
+      approximations: one "<gelu>+<softmax>" pair per student, e.g. ("quad+2quad",).
+      student_layers: layers of the students (0: as many as the teacher).
+      layer_map: teacher layer imitated by each student layer (empty: evenly spaced,
+        the last student layer on the last teacher layer).
+      temperature: stage-2 softening temperature.
+      teacher, stage1, stage2, baseline: optimisation of each stage.
+      run_baseline: also train the no-distillation baseline.
+      eval_batch_size: batch size of dev/test evaluation.
+      seed: seeds data order, dropout and head initialisation.
+      out_dir: where checkpoints, logs, results and exports go.
+    """
+
+    name: str = "default"
+    task: str = "rt"
+    max_train: int = 0
+    max_dev: int = 0
+    max_test: int = 0
+    model: str = "minilm-l6"
+    max_length: int = 64
+    buckets: tuple[int, ...] = ()
+    approximations: tuple[str, ...] = ("quad+2quad",)
+    student_layers: int = 0
+    layer_map: tuple[int, ...] = ()
+    temperature: float = 1.0
+    teacher: StageConfig = StageConfig(epochs=3, learning_rate=5e-5)
+    stage1: StageConfig = StageConfig(epochs=5, learning_rate=5e-5)
+    stage2: StageConfig = StageConfig(epochs=3, learning_rate=5e-5)
+    baseline: StageConfig = StageConfig(epochs=8, learning_rate=5e-5)
+    run_baseline: bool = True
+    eval_batch_size: int = 64
+    seed: int = 0
+    out_dir: str = "runs/default"
+
+    def __post_init__(self):
+        from mpcformer_jax.data import TASKS  # cheap; kept local so configs import fast
+
+        if self.task not in TASKS:
+            raise ValueError(f"Unknown task {self.task!r}. Available tasks are: "
+                             f"{', '.join(TASKS)}.")
+        if not self.approximations:
+            raise ValueError("approximations is empty: name at least one '<gelu>+<softmax>'.")
+        for pair in self.approximations:
+            parse_pair(pair)
+        if len(set(self.approximations)) != len(self.approximations):
+            raise ValueError(f"approximations has duplicates: {self.approximations}.")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
+        if self.buckets and max(self.buckets) < self.max_length:
+            raise ValueError(f"buckets {self.buckets} must reach max_length {self.max_length}.")
+        if self.layer_map and self.student_layers and len(self.layer_map) != self.student_layers:
+            raise ValueError(f"layer_map {self.layer_map} has {len(self.layer_map)} entries "
+                             f"for student_layers={self.student_layers}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        for name in ("max_train", "max_dev", "max_test", "student_layers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _convert(text: str, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        item = typing.get_args(kind)[0]
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return tuple(_convert(p, item, key) for p in parts)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"--set {key}={text}: expected true or false.")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: expected a {kind.__name__}.") from None
+
+
+def apply_overrides(config, overrides: list[str] | tuple[str, ...]):
+    """Returns ``config`` with ``key=value`` overrides applied (nested keys with dots).
+
+    Values are parsed by the field's type: ints, floats, bools (true/false), strings and
+    comma-separated tuples (``approximations=quad+2quad,quad+2relu``, ``buckets=32,64``).
+
+    Raises:
+      ValueError: an unknown key (the message lists the valid ones) or a bad value.
+    """
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Override {item!r} must read key=value, e.g. stage1.epochs=2.")
+        config = _override(config, key.strip().split("."), value.strip(), key)
+    return config
+
+
+def _override(node, path: list[str], value: str, full_key: str):
+    hints = typing.get_type_hints(type(node))
+    name = path[0]
+    if name not in hints:
+        raise ValueError(f"Unknown config key {full_key!r}. Valid keys here are: "
+                         f"{', '.join(hints)}.")
+    if len(path) > 1:
+        child = getattr(node, name)
+        if not dataclasses.is_dataclass(child):
+            raise ValueError(f"Config key {full_key!r}: {name} has no sub-keys.")
+        return dataclasses.replace(node, **{name: _override(child, path[1:], value, full_key)})
+    if dataclasses.is_dataclass(hints[name]):
+        raise ValueError(f"Config key {full_key!r} is a group; set one of its fields, "
+                         f"e.g. {full_key}.epochs=2.")
+    return dataclasses.replace(node, **{name: _convert(value, hints[name], full_key)})
