@@ -13,8 +13,9 @@ import pytest
 
 from mpcformer_jax.models import BertConfig, init_params
 from mpcformer_jax.private import ConfigError, load_config, run
-from mpcformer_jax.private.compile import GROUPS, cache_size
+from mpcformer_jax.private.compile import cache_size
 from mpcformer_jax.private.config import CONFIG_DIR
+from mpcformer_jax.private.program import GROUPS
 
 TOL = 0.05
 

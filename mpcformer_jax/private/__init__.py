@@ -4,10 +4,19 @@
 node processes) and returns logits and a CostReport; ``spu_run`` (cli.py) runs the roles of a
 cluster (nodes, model owner, client) as separate processes or hosts. Configs live in
 ``spu_configs/`` and are validated by ``load_config``.
+
+Names are imported lazily so that node processes, which need SPU but not jax, stay light.
 """
 
-from mpcformer_jax.private.api import PrivateResult, run
-from mpcformer_jax.private.config import ClusterConfig, ConfigError, load_config
-from mpcformer_jax.private.cost import CostReport
+import importlib
 
-__all__ = ["ClusterConfig", "ConfigError", "CostReport", "PrivateResult", "load_config", "run"]
+_EXPORTS = {"run": "api", "PrivateResult": "api", "ClusterConfig": "config",
+            "ConfigError": "config", "load_config": "config", "CostReport": "cost"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"mpcformer_jax.private.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'mpcformer_jax.private' has no attribute {name!r}")

@@ -128,7 +128,7 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
         logits, report = run_threads(compiled, cluster.runtime_config(), cluster.world_size,
                                      owner, client, timeout)
     elif backend == "processes":
-        from mpcformer_jax.private.cluster import run_local_nodes
+        from mpcformer_jax.private.launcher import run_local_nodes
 
         logits, report = run_local_nodes(compiled, cluster, owner, client, timeout)
     else:

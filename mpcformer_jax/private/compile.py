@@ -25,7 +25,6 @@ as one executable instead, and the report groups by pphlo op name (coarser, see 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import re
 import time
@@ -40,49 +39,14 @@ from jax import core as jcore  # Jaxpr, Var, Literal, DropVar (jax 0.4.34)
 from spu.utils import frontend as spu_fe
 
 from mpcformer_jax import approx
+from mpcformer_jax.private.program import CompiledForward, Segment
 
-GROUPS = ("embedding", "linear", "attention_normaliser", "activation", "layernorm", "other")
 _FREE = {"add", "sub", "neg", "reshape", "broadcast_in_dim", "transpose", "squeeze",
          "expand_dims", "slice", "concatenate", "copy", "copy_p", "stop_gradient",
          "reduce_sum", "iota", "pad", "rev", "select_n_public", "convert_element_type"}
 _APPROX_FILE = Path(approx.__file__).resolve()
 _ACT_NAMES = {f.__name__ for f in approx.GELU_APPROX.values()}
 _NORM_NAMES = {f.__name__ for f in approx.SOFTMAX_APPROX.values()} | {"_normalise"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """One SPU executable: a run of consecutive ops of one group."""
-
-    name: str
-    group: str
-    executable: bytes  # a serialized libspu.Executable (picklable, jax-free to run)
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    drop_after: tuple[str, ...]  # intermediates no later segment needs
-
-    def load(self) -> libspu.Executable:
-        exe = libspu.Executable()
-        exe.ParseFromString(self.executable)
-        return exe
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledForward:
-    """A forward compiled for SPU: its segments, input names and output name.
-
-    ``param_names`` are the SPU variable names of the flattened parameter leaves, in
-    ``jax.tree_util`` order; the owner shares the weights under these names and the client its
-    one-hot tokens and mask under ``input_names``.
-    """
-
-    segments: tuple[Segment, ...]
-    param_names: tuple[str, ...]
-    input_names: tuple[str, ...]
-    output_name: str
-    output_shape: tuple[int, ...]
-    compile_s: float
-    attribution: str
 
 
 @functools.cache
@@ -245,7 +209,8 @@ def compile_forward(fn: Callable, params, inputs: tuple, copts: libspu.CompilerO
                                 tuple(out_names), drop))
     if out_var not in secret:
         raise ValueError("the forward's output does not depend on its inputs")
-    return CompiledForward(tuple(segments), param_names, input_names, "out:logits",
+    return CompiledForward(tuple(segments), param_names, input_names,
+                           tuple(tuple(np.shape(x)) for x in inputs), "out:logits",
                            tuple(out_var.aval.shape), time.perf_counter() - start, attribution)
 
 

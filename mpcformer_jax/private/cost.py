@@ -20,7 +20,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from mpcformer_jax.private.compile import GROUPS
+from mpcformer_jax.private.program import GROUPS
 
 _HEADER = re.compile(r"\[Profiling\] SPU execution (\S+) completed, input processing took "
                      r"\S+s, execution took (\S+)s")

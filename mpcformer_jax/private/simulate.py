@@ -19,8 +19,8 @@ import numpy as np
 import spu
 import spu.libspu as libspu
 
-from mpcformer_jax.private.compile import CompiledForward
 from mpcformer_jax.private.cost import CostReport, PartyTraffic, fill_report, parse_profile
+from mpcformer_jax.private.program import CompiledForward
 
 _LOG_LOCK = threading.Lock()  # SPU's logger is process-wide: one profiled run at a time
 

@@ -1,0 +1,66 @@
+"""The compiled private forward as data: segments of SPU executables, jax-free.
+
+Node processes load these from the owner's message and never import jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import spu.libspu as libspu
+
+GROUPS = ("embedding", "linear", "attention_normaliser", "activation", "layernorm", "other")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One SPU executable: a run of consecutive ops of one group."""
+
+    name: str
+    group: str
+    executable: bytes  # a serialized libspu.Executable
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    drop_after: tuple[str, ...]  # intermediates no later segment needs
+
+    def load(self) -> libspu.Executable:
+        exe = libspu.Executable()
+        exe.ParseFromString(self.executable)
+        return exe
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledForward:
+    """A forward compiled for SPU: its segments, input names and output name.
+
+    ``param_names`` are the SPU variable names of the flattened parameter leaves, in
+    ``jax.tree_util`` order; the owner shares the weights under these names and the client its
+    one-hot tokens and mask under ``input_names`` (shapes ``input_shapes``).
+    """
+
+    segments: tuple[Segment, ...]
+    param_names: tuple[str, ...]
+    input_names: tuple[str, ...]
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_name: str
+    output_shape: tuple[int, ...]
+    compile_s: float
+    attribution: str
+
+    def to_wire(self) -> tuple[dict[str, Any], list[bytes]]:
+        """JSON metadata plus one blob per executable."""
+        meta = dataclasses.asdict(self)
+        for seg in meta["segments"]:
+            del seg["executable"]
+        return meta, [s.executable for s in self.segments]
+
+    @classmethod
+    def from_wire(cls, meta: dict[str, Any], blobs: list[bytes]) -> CompiledForward:
+        """Inverse of ``to_wire``."""
+        segs = tuple(Segment(s["name"], s["group"], blob, tuple(s["input_names"]),
+                             tuple(s["output_names"]), tuple(s["drop_after"]))
+                     for s, blob in zip(meta["segments"], blobs, strict=True))
+        return cls(segs, tuple(meta["param_names"]), tuple(meta["input_names"]),
+                   tuple(tuple(s) for s in meta["input_shapes"]), meta["output_name"],
+                   tuple(meta["output_shape"]), meta["compile_s"], meta["attribution"])
