@@ -1,0 +1,94 @@
+"""Cost of every approximation pair under SPU: time, bytes, messages, per-op-group breakdown.
+
+    uv run python -m experiments.benchmark --small                       # tiny model, ~1 min
+    uv run python -m experiments.benchmark --protocols ABY3 --shapes base-128
+    uv run python -m experiments.benchmark --protocols ABY3 SEMI2K --shapes base-128 base-512
+    uv run python -m experiments.benchmark --protocols CHEETAH --shapes base-32
+    uv run python -m experiments.benchmark --report-only                 # tables + figure
+
+Each (protocol, shape, variant) runs at the shape's ``fit_layers`` (1 and 2 encoder layers)
+and is extrapolated linearly to 12 (``--full-depth`` runs all 12 layers instead, which is how
+the extrapolation was validated). Raw records accumulate in ``results/bench_raw.json`` (a
+rerun skips what is there; ``--force`` redoes it); tables go to ``results/benchmark.md`` and
+``results/benchmark.json``, the figure to ``results/benchmark.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mpcformer_jax.bench import report
+from mpcformer_jax.bench.measure import measure
+from mpcformer_jax.bench.variants import PROTOCOLS, SHAPES, get_variants
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="tiny model at seq 16, ABY3 only")
+    p.add_argument("--protocols", nargs="+", default=["ABY3"], choices=PROTOCOLS)
+    p.add_argument("--shapes", nargs="+", default=["base-128"], choices=sorted(SHAPES))
+    p.add_argument("--variants", nargs="+", help="default: all")
+    p.add_argument("--full-depth", action="store_true", help="also run all layers for real")
+    p.add_argument("--runtime", default="{}", help="JSON RuntimeConfig overrides, all variants")
+    p.add_argument("--compiler", default="{}", help="JSON CompilerOptions overrides")
+    p.add_argument("--out", default="results", help="results folder")
+    p.add_argument("--tag", default="benchmark", help="output file stem")
+    p.add_argument("--force", action="store_true", help="rerun records already stored")
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.small:
+        args.protocols, args.shapes = ["ABY3"], ["tiny-16"]
+    opts = {"runtime": json.loads(args.runtime), "compiler": json.loads(args.compiler)}
+    out = Path(args.out)
+    store = report.Store(out / f"{args.tag}_raw.json")
+    variants = get_variants(args.variants)
+    for protocol in args.protocols:
+        for shape in (SHAPES[s] for s in args.shapes):
+            depths = [*shape.fit_layers, *([shape.layers] if args.full_depth else [])]
+            for variant in variants:
+                for layers in depths:
+                    key = dict(protocol=protocol, shape=shape.name, variant=variant.name,
+                               layers=layers, **opts)
+                    if args.report_only or (store.find(**key) and not args.force):
+                        continue
+                    rec = measure(variant, shape, protocol, layers, **opts)
+                    store.add(rec)
+                    print(f"{protocol} {shape.name} {variant.name} L={layers}: "
+                          f"{rec['wall_s']:.1f} s, {rec['bytes'] / 2**30:.3f} GiB, "
+                          f"{rec['messages']} msgs", flush=True)
+    return write_outputs(store, args, variants, opts, out)
+
+
+def write_outputs(store, args, variants, opts, out: Path) -> list[dict]:
+    """Full-depth rows per (protocol, shape) -> JSON, markdown and the figure."""
+    tables, panels, md = [], {}, []
+    for protocol in args.protocols:
+        for shape in (SHAPES[s] for s in args.shapes):
+            recs = [r for v in variants
+                    if (r := report.full_depth(store, protocol, shape, v.name, **opts))]
+            if not recs:
+                continue
+            rows = report.build_rows(recs)
+            title = f"{protocol}, {shape.name} ({shape.layers} layers, seq {shape.seq_len})"
+            tables.append({"protocol": protocol, "shape": shape.name, "rows": rows})
+            panels[title] = rows
+            md += [report.markdown(rows, title), "", "Bytes per op group (MiB):", "",
+                   report.group_table(rows), ""]
+    if not tables:
+        return []
+    (out / f"{args.tag}.json").write_text(json.dumps(
+        {"options": opts, "tables": tables}, indent=1))
+    (out / f"{args.tag}.md").write_text("\n".join(md))
+    report.figure(panels, out / f"{args.tag}.png")
+    print("\n".join(md))
+    return tables
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""One private forward of a benchmark variant, and extrapolation over the number of layers.
+
+Runs go through ``mpcformer_jax.private.run`` (the client one-hot encodes its tokens and the
+model does ``one_hot @ word_embeddings`` under MPC, so the token lookup is included), with the
+protocol's ready config from ``spu_configs/`` plus optional runtime/compiler overrides, the
+same for every variant. Figures are SPU's link counters (bytes and messages, all parties)
+and its per-segment profile (per op group).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from mpcformer_jax.bench.variants import Shape, Variant
+from mpcformer_jax.models import init_params
+from mpcformer_jax.private import load_config, run
+from mpcformer_jax.private.api import DEFAULT_CONFIGS
+from mpcformer_jax.private.config import CONFIG_DIR
+
+# Numeric fields of a record that are summed over layers (and so extrapolated).
+LINEAR_FIELDS = ("wall_s", "bytes", "messages")
+
+
+def cluster_config(protocol: str, runtime: dict | None = None, compiler: dict | None = None,
+                   timeout_s: float = 3600.0):
+    """The protocol's ready config with ``runtime``/``compiler`` fields overridden."""
+    data = json.loads((CONFIG_DIR / f"{DEFAULT_CONFIGS[protocol.upper()]}.json").read_text())
+    data["runtime"].update(runtime or {})
+    data["compiler"].update(compiler or {})
+    data["timeout_s"] = timeout_s
+    data["link"]["recv_timeout_ms"] = int(timeout_s * 1000)
+    return load_config(data)
+
+
+def client_batch(vocab_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One sequence of random token ids, no padding (cost does not depend on the values)."""
+    ids = np.random.default_rng(seed).integers(0, vocab_size, (1, seq_len))
+    return {"input_ids": ids, "attention_mask": np.ones((1, seq_len), np.int32)}
+
+
+def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
+            runtime: dict | None = None, compiler: dict | None = None,
+            seed: int = 0) -> dict[str, Any]:
+    """Runs ``variant`` at ``shape`` with ``layers`` encoder layers; returns a JSON record.
+
+    The record holds wall time, bytes and messages (all parties), the per-group breakdown,
+    the client's upload (its input shares), and the gap to the plaintext logits.
+    """
+    config = shape.config(layers).with_approx(variant.hidden_act, variant.softmax_act)
+    params = init_params(config, seed)  # random weights: cost does not depend on them
+    batch = client_batch(config.vocab_size, shape.seq_len, seed)
+    cluster = cluster_config(protocol, runtime, compiler)
+    start = time.perf_counter()
+    result = run((config, params), batch, config=cluster, attribution="segments", compare=True)
+    rep = result.report
+    return {
+        "variant": variant.name, "protocol": protocol.upper(), "shape": shape.name,
+        "seq_len": shape.seq_len, "layers": layers, "parties": rep.world_size,
+        "runtime": runtime or {}, "compiler": compiler or {},
+        "wall_s": rep.wall_s, "compile_s": rep.compile_s, "total_s": time.perf_counter() - start,
+        "bytes": rep.total.bytes, "messages": rep.total.messages,
+        "groups": {g: {"bytes": t.bytes, "messages": t.messages, "wall_s": t.time_s}
+                   for g, t in rep.groups.items()},
+        "client_bytes": rep.input_bytes.get("client", 0),
+        "max_abs_diff": result.max_abs_diff, "label_agreement": result.label_agreement,
+    }
+
+
+def extrapolate(r1: dict[str, Any], r2: dict[str, Any], layers: int) -> dict[str, Any]:
+    """The record at ``layers`` layers from two records at fewer, cost = fixed + per_layer * n.
+
+    Every encoder layer is the same computation on the same shapes, so bytes and messages are
+    exactly linear in the number of layers (the embedding, pooler and classifier are the
+    fixed part); wall time is linear up to measurement noise. Group figures are extrapolated
+    the same way. The result is marked ``extrapolated_from``.
+    """
+    n1, n2 = r1["layers"], r2["layers"]
+    if n1 == n2:
+        raise ValueError("extrapolation needs records at two different layer counts")
+
+    def line(a: float, b: float) -> float:
+        per_layer = (b - a) / (n2 - n1)
+        return a + per_layer * (layers - n1)
+
+    out = {k: v for k, v in r2.items() if k not in ("groups",)}
+    out.update({k: line(r1[k], r2[k]) for k in LINEAR_FIELDS})
+    out["groups"] = {g: {k: line(r1["groups"][g][k], r2["groups"][g][k]) for k in t}
+                     for g, t in r2["groups"].items()}
+    out["layers"] = layers
+    out["extrapolated_from"] = [n1, n2]
+    return out

@@ -1,0 +1,134 @@
+"""Benchmark rows from raw records: ratios, latency estimates, JSON, markdown, figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mpcformer_jax.bench import network
+from mpcformer_jax.bench.measure import extrapolate
+from mpcformer_jax.bench.variants import EXACT, FLOOR
+
+GROUPS = ("embedding", "linear", "attention_normaliser", "activation", "layernorm", "other")
+GIB = 2**30
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["protocol"], r["shape"], r["variant"], r["layers"],
+            json.dumps(r.get("runtime", {}), sort_keys=True),
+            json.dumps(r.get("compiler", {}), sort_keys=True))
+
+
+class Store:
+    """Raw records in one JSON file, written after every run so a long sweep can resume."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records: list[dict] = json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def find(self, **want) -> dict | None:
+        for r in reversed(self.records):
+            if all(json.dumps(r.get(k, {}), sort_keys=True) == json.dumps(v, sort_keys=True)
+                   if k in ("runtime", "compiler") else r.get(k) == v for k, v in want.items()):
+                return r
+        return None
+
+    def add(self, record: dict) -> None:
+        self.records = [r for r in self.records if _key(r) != _key(record)] + [record]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.records, indent=1))
+
+
+def full_depth(store: Store, protocol: str, shape, variant: str, **opts) -> dict | None:
+    """The record at the shape's full depth: measured if present, else extrapolated."""
+    measured = store.find(protocol=protocol, shape=shape.name, variant=variant,
+                          layers=shape.layers, **opts)
+    if measured is not None:
+        return {**measured, "extrapolated_from": None}
+    r1, r2 = (store.find(protocol=protocol, shape=shape.name, variant=variant, layers=n, **opts)
+              for n in shape.fit_layers)
+    if r1 is None or r2 is None:
+        return None
+    return extrapolate(r1, r2, shape.layers)
+
+
+def build_rows(records: list[dict]) -> list[dict]:
+    """Adds ratios against exact and the floor and LAN/WAN estimates to full-depth records.
+
+    ``records`` share a protocol and shape. Ratios are of bytes, messages and wall time.
+    """
+    by_name = {r["variant"]: r for r in records}
+    rows = []
+    for r in records:
+        row = dict(r)
+        for ref in (EXACT, FLOOR):
+            base = by_name.get(ref)
+            for k in ("bytes", "messages", "wall_s"):
+                row[f"{k}_vs_{ref}"] = r[k] / base[k] if base and base[k] else None
+        for net in network.NETWORKS:
+            row[net.name] = network.latency(net, compute_s=r["wall_s"], bytes_=r["bytes"],
+                                            messages=r["messages"], parties=r["parties"],
+                                            client_bytes=r["client_bytes"])
+        rows.append(row)
+    for row in rows:
+        for net in network.NETWORKS:
+            base = by_name.get(EXACT) and next(x for x in rows if x["variant"] == EXACT)
+            row[f"{net.name}_speedup_vs_exact"] = (
+                base[net.name]["total_s"] / row[net.name]["total_s"] if base else None)
+    return rows
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    """One markdown table: a row per variant; ``*`` marks figures extrapolated over layers."""
+    head = ("| variant | wall s | GiB sent | messages | bytes / exact | bytes / floor | "
+            "time / floor | LAN est. s | WAN est. s | LAN speedup | max abs diff |")
+    lines = [f"**{title}**", "", head, "|---|" + "---:|" * 10]
+    for r in rows:
+        star = "*" if r.get("extrapolated_from") else ""
+        lines.append(
+            f"| {r['variant']} | {r['wall_s']:.1f}{star} | {r['bytes'] / GIB:.3f}{star} | "
+            f"{r['messages']:,.0f}{star} | {_f(r['bytes_vs_exact'], '{:.3f}')} | "
+            f"{_f(r['bytes_vs_floor'])} | {_f(r['wall_s_vs_floor'])} | "
+            f"{r['LAN']['total_s']:.1f} | {r['WAN']['total_s']:.1f} | "
+            f"{_f(r['LAN_speedup_vs_exact'])}x | {_f(r['max_abs_diff'], '{:.1e}')} |")
+    return "\n".join(lines)
+
+
+def group_table(rows: list[dict]) -> str:
+    """Bytes per op group (MiB), a row per variant."""
+    lines = ["| variant | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS)]
+    for r in rows:
+        cells = [f"{r['groups'].get(g, {}).get('bytes', 0) / 2**20:,.0f}" for g in GROUPS]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure(panels: dict[str, list[dict]], path: str | Path) -> None:
+    """Stacked bars of bytes per op group, one bar per variant, one panel per table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, (title, rows) in zip(axes[0], panels.items(), strict=True):
+        names = [r["variant"] for r in rows]
+        bottom = [0.0] * len(rows)
+        for i, g in enumerate(GROUPS):
+            vals = [r["groups"].get(g, {}).get("bytes", 0) / GIB for r in rows]
+            ax.bar(names, vals, bottom=bottom, label=g, color=colors[i])
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("GiB sent (all parties)")
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

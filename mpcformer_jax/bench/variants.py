@@ -1,0 +1,72 @@
+"""What the benchmark compares: approximation pairs, model shapes and protocols."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mpcformer_jax.models import BertConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """An approximation pair by registry names (``approx.GELU_APPROX``/``SOFTMAX_APPROX``)."""
+
+    name: str
+    hidden_act: str
+    softmax_act: str
+
+
+# Every variant runs under the same compiler and runtime options (one ClusterConfig per
+# protocol); "exact" is BERT itself and "floor" is the same network with nothing in the
+# nonlinearities' places (LayerNorm kept), the cost no approximation can go below.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("exact", "gelu", "softmax"),
+    Variant("quad+2quad", "quad", "2quad"),
+    Variant("quad+2relu", "quad", "2relu"),
+    Variant("gelu+2quad", "gelu", "2quad"),
+    Variant("quad+softmax", "quad", "softmax"),
+    Variant("puma+puma", "puma", "puma"),
+    Variant("floor", "identity", "identity"),
+)
+EXACT, FLOOR = "exact", "floor"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A model shape and input length; ``config(layers)`` builds it with ``layers`` layers.
+
+    ``fit_layers``: the layer counts actually run; cost is linear in the number of encoder
+    layers (every layer is the same computation), so the full depth is extrapolated from them
+    (see ``measure.extrapolate``). ``layers`` is the depth reported.
+    """
+
+    name: str
+    seq_len: int
+    layers: int
+    fit_layers: tuple[int, int] = (1, 2)
+    small: bool = False
+
+    def config(self, layers: int) -> BertConfig:
+        if self.small:
+            return BertConfig.tiny(num_hidden_layers=layers)
+        return BertConfig.base(num_hidden_layers=layers)
+
+
+SHAPES = {
+    "base-128": Shape("base-128", 128, 12),
+    "base-512": Shape("base-512", 512, 12),
+    "base-32": Shape("base-32", 32, 12),      # CHEETAH's shape on 2 cores (see README)
+    "tiny-16": Shape("tiny-16", 16, 2, small=True),
+}
+PROTOCOLS = ("ABY3", "SEMI2K", "CHEETAH")
+
+
+def get_variants(names: list[str] | None) -> list[Variant]:
+    """The variants named (all by default); unknown names fail with the valid list."""
+    if not names:
+        return list(VARIANTS)
+    by_name = {v.name: v for v in VARIANTS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(by_name)}")
+    return [by_name[n] for n in names]
