@@ -188,9 +188,11 @@ def test_separately_started_roles(student, tmp_path):
     assert all(port_free(p) for p in ports)
 
 
-def _node_pid(tmp: Path, rank: int, deadline: float) -> int:
+def _node_pid(tmp: Path, rank: int, deadline: float, launcher) -> int:
     """The pid of node ``rank`` once it has started a batch (its profile log appears)."""
     while time.monotonic() < deadline:
+        if launcher.poll() is not None:
+            raise AssertionError(f"the cluster ended early: {launcher.stderr.read()}")
         for d in tmp.glob(f"spu_node{rank}_*"):
             if (d / "batch1.log").exists():
                 return int(d.name.split("_")[2])
@@ -200,7 +202,7 @@ def _node_pid(tmp: Path, rank: int, deadline: float) -> int:
 
 @pytest.mark.slow
 def test_killing_a_node_ends_the_cluster(student, tmp_path):
-    timeout_s = 8
+    timeout_s = 20  # also bounds start-up waits, which take seconds on a loaded 2-core box
     path, data = fixed_config(tmp_path, "aby3_3pc", timeout_s=timeout_s)
     texts = tmp_path / "many.txt"
     texts.write_text("\n".join(TEXTS * 200) + "\n")  # long enough to be killed mid-run
@@ -209,7 +211,7 @@ def test_killing_a_node_ends_the_cluster(student, tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
-        victim = _node_pid(tmp_path, 1, time.monotonic() + 240)
+        victim = _node_pid(tmp_path, 1, time.monotonic() + 240, launcher)
         children = [int(d.name.split("_")[2]) for d in tmp_path.glob("spu_node*_*")]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()

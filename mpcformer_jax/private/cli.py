@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 ROLES = ("node", "owner", "client", "card")
@@ -88,8 +89,6 @@ def _cluster(args, fixed_ports: bool):
 
 
 def _key() -> bytes:
-    import os
-
     key = os.environ.get("SPU_RUN_KEY")
     if not key:
         raise ValueError("set SPU_RUN_KEY to the same secret in the environment of every role "
@@ -142,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         print("spu_run: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # every failure ends as one clear line, not a traceback
-        name = role or "launcher"
-        print(f"spu_run{'' if role is None else ' ' + role}: error: {err}", file=sys.stderr)
-        if name and "SPU_RUN_DEBUG" in __import__("os").environ:
+        from mpcformer_jax.private.launcher import short_error
+
+        print(f"spu_run{'' if role is None else ' ' + role}: error: {short_error(err)}",
+              file=sys.stderr)
+        if "SPU_RUN_DEBUG" in os.environ:
             raise
         return 2
     return 0

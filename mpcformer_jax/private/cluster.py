@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import select
 import shutil
 import tempfile
 import time
@@ -132,7 +133,10 @@ def _serve(cluster, rank, lctx, owner, client, tmp: Path) -> None:
         log = tmp / f"batch{index}.log"
         setup_spu_log(log)
         start = time.perf_counter()
-        run_segments(rt, compiled, executables)
+        try:
+            run_segments(rt, compiled, executables)
+        except RuntimeError as err:  # SPU raises on a brpc timeout or a lost peer
+            raise WireError(f"the MPC run failed (is another node down?): {err}") from None
         wall = time.perf_counter() - start
         out = rt.get_var(compiled.output_name)
         setup_spu_log(tmp / "idle.log")  # flushes the batch's profile
@@ -199,12 +203,23 @@ class ClientSession:
             counts, blobs = shares_to_blobs(own)
             ch.send("batch", {"fingerprint": model_fingerprint, "counts": counts,
                               "shapes": [list(np.shape(a)) for a in arrays]}, blobs)
-        outs, profiles = [], []
-        for ch in self.channels:
-            _, meta, blobs = ch.recv(self.cluster.timeout_s, "result")
-            outs += blobs_to_shares(meta["counts"], blobs)
-            profiles.append(meta["profile"])
-        self.profiles.append(profiles)
+        # Wait on all nodes at once, so one that dies is noticed at once, not after the others.
+        results: dict[int, tuple[dict, list[bytes]]] = {}
+        deadline = time.monotonic() + self.cluster.timeout_s
+        while len(results) < len(self.channels):
+            pending = {ch.sock: r for r, ch in enumerate(self.channels) if r not in results}
+            ready, _, _ = select.select(list(pending), [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            if not ready:
+                names = [self.channels[r].peer for r in pending.values()]
+                raise WireError(f"timed out waiting for the results of {names}")
+            for sock in ready:
+                rank = pending[sock]
+                _, meta, blobs = self.channels[rank].recv(self.cluster.timeout_s, "result")
+                results[rank] = meta, blobs
+        outs = [s for r in range(len(self.channels))
+                for s in blobs_to_shares(results[r][0]["counts"], results[r][1])]
+        self.profiles.append([results[r][0]["profile"] for r in range(len(self.channels))])
         return np.asarray(self.io.reconstruct(outs))
 
     def close(self, ok: bool = True) -> None:

@@ -39,7 +39,7 @@ from jax import core as jcore  # Jaxpr, Var, Literal, DropVar (jax 0.4.34)
 from spu.utils import frontend as spu_fe
 
 from mpcformer_jax import approx
-from mpcformer_jax.private.program import CompiledForward, Segment
+from mpcformer_jax.private.program import INPUT_NAMES, OUTPUT_NAME, CompiledForward, Segment
 
 _FREE = {"add", "sub", "neg", "reshape", "broadcast_in_dim", "transpose", "squeeze",
          "expand_dims", "slice", "concatenate", "copy", "copy_p", "stop_gradient",
@@ -146,7 +146,8 @@ def compile_forward(fn: Callable, params, inputs: tuple, copts: libspu.CompilerO
     params, inputs = _specs(params), _specs(inputs)
     paths = jax.tree_util.tree_flatten_with_path(params)[0]
     param_names = tuple("p:" + jax.tree_util.keystr(p) for p, _ in paths)
-    input_names = tuple(f"x:{i}" for i in range(len(inputs)))
+    input_names = INPUT_NAMES[:len(inputs)] if len(inputs) <= len(INPUT_NAMES) else tuple(
+        f"x:{i}" for i in range(len(inputs)))
     closed = jax.make_jaxpr(fn)(params, *inputs)
     jaxpr, consts = closed.jaxpr, closed.consts
     if len(jaxpr.outvars) != 1:
@@ -186,7 +187,7 @@ def compile_forward(fn: Callable, params, inputs: tuple, copts: libspu.CompilerO
             if any(v in secret for v in e.invars if isinstance(v, jcore.Var)):
                 secret.update(v for v in e.outvars if not isinstance(v, jcore.DropVar))
         for j, v in enumerate(seg_out):
-            names[v] = "out:logits" if v is out_var else f"t{i}.{j}"
+            names[v] = OUTPUT_NAME if v is out_var else f"t{i}.{j}"
         sub = jcore.Jaxpr(seg_consts, seg_in, seg_out, eqns,
                           jcore.join_effects(*(e.effects for e in eqns)))
         const_vals = [const_of[v] for v in seg_consts]
@@ -210,7 +211,7 @@ def compile_forward(fn: Callable, params, inputs: tuple, copts: libspu.CompilerO
     if out_var not in secret:
         raise ValueError("the forward's output does not depend on its inputs")
     return CompiledForward(tuple(segments), param_names, input_names,
-                           tuple(tuple(np.shape(x)) for x in inputs), "out:logits",
+                           tuple(tuple(np.shape(x)) for x in inputs), OUTPUT_NAME,
                            tuple(out_var.aval.shape), time.perf_counter() - start, attribution)
 
 

@@ -59,6 +59,12 @@ def _die_with_parent(parent: int) -> None:
         os._exit(3)
 
 
+def short_error(err: BaseException) -> str:
+    """One line for an error; SPU's C++ errors carry a 'what:' prefix and a stack trace."""
+    text = str(err).split("stacktrace:")[0].replace("what:", " ")
+    return " ".join(text.split()) or type(err).__name__
+
+
 def _role_entry(role: str, target: str, kwargs: dict, parent: int) -> None:
     _die_with_parent(parent)
     import importlib
@@ -68,7 +74,7 @@ def _role_entry(role: str, target: str, kwargs: dict, parent: int) -> None:
     try:
         fn(**kwargs)
     except Exception as err:
-        print(f"spu_run {role}: error: {err}", file=sys.stderr, flush=True)
+        print(f"spu_run {role}: error: {short_error(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -88,8 +94,9 @@ def _describe(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def supervise(procs: list[mp.Process], timeout_s: float, poll_s: float = 0.2) -> None:
-    """Waits for every process; after the first failure the rest get ``timeout_s`` to exit.
+def supervise(procs: list[mp.Process], timeout_s: float, poll_s: float = 0.2,
+              grace_s: float = 5.0) -> None:
+    """Waits for every process; after the first failure the rest get ``timeout_s + grace_s``.
 
     Raises:
       ClusterError: naming the role that failed first (and any that had to be killed).
@@ -105,9 +112,11 @@ def supervise(procs: list[mp.Process], timeout_s: float, poll_s: float = 0.2) ->
                 p.join()
                 if p.exitcode != 0:
                     failed.append(f"{p.name} {_describe(p.exitcode)}")
-                    deadline = deadline or time.monotonic() + timeout_s
+                    # The others' own waits end within timeout_s; a margin lets them say why.
+                    deadline = deadline or time.monotonic() + timeout_s + grace_s
             if deadline is not None and time.monotonic() > deadline and alive:
-                failed += [f"{p.name} did not exit within {timeout_s:.0f} s and was killed"
+                failed += [f"{p.name} did not exit within {timeout_s + grace_s:.0f} s and was "
+                           "killed"
                            for p in alive]
                 break
     finally:

@@ -10,6 +10,9 @@ from typing import Any
 
 import spu.libspu as libspu
 
+# SPU variable names of the client's inputs (one-hot tokens, mask) and of the logits.
+INPUT_NAMES = ("x:0", "x:1")
+OUTPUT_NAME = "out:logits"
 GROUPS = ("embedding", "linear", "attention_normaliser", "activation", "layernorm", "other")
 
 

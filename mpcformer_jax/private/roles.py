@@ -17,6 +17,7 @@ import numpy as np
 
 from mpcformer_jax.private.cluster import ClientSession, fingerprint, owner_send
 from mpcformer_jax.private.config import ClusterConfig
+from mpcformer_jax.private.program import INPUT_NAMES
 
 CARD_FILES = ("config.json", "tokenizer.json", "vocab.txt", "vocab.json", "merges.txt",
               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -108,7 +109,7 @@ def client_main(cluster: ClusterConfig, card_dir: str, texts: list[str] | None,
             padded = chunk + [""] * (batch_size - len(chunk))  # fixed shape: compiled once
             ids, mask = tokenize(tokenizer, padded, max_length)
             one_hot, mask_f = encode_client_inputs(config, ids, mask)
-            out = session.infer(["x:0", "x:1"], [one_hot, mask_f], fingerprint(config))
+            out = session.infer(INPUT_NAMES, [one_hot, mask_f], fingerprint(config))
             logits.append(out[:len(chunk)])
         ok = True
     finally:
