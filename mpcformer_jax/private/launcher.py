@@ -9,6 +9,7 @@ and exit with their own error, then whatever is left is killed. Nothing outlives
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -185,7 +186,7 @@ def run_local_nodes(compiled, cluster: ClusterConfig, owner_arrays, client_array
     from mpcformer_jax.private.cluster import ClientSession, owner_send
 
     cluster = resolve_ports(cluster)
-    cluster = type(cluster)(**{**cluster.__dict__, "timeout_s": timeout_s})
+    cluster = dataclasses.replace(cluster, timeout_s=timeout_s)
     key = secrets.token_bytes(32)
     procs = [start_role(f"node{r}", "mpcformer_jax.private.cluster:node_main",
                         {"cluster": cluster, "rank": r, "key": key})
