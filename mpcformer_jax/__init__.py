@@ -6,33 +6,32 @@
     logits = mj.forward(config, params, ids, mask)
 
 Subpackages: ``data`` (tasks and batching), ``train`` (distillation), ``private`` (SPU).
+Names are imported on first use, so SPU node processes, which need neither jax nor flax,
+start without them.
 """
 
-from mpcformer_jax.approx import GELU_APPROX, SOFTMAX_APPROX, get_activation, get_normaliser
-from mpcformer_jax.models import (
-    BertConfig,
-    BertForSequenceClassification,
-    CheckpointError,
-    forward,
-    init_params,
-    load_pretrained,
-    make_apply,
-    save_pretrained,
-)
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GELU_APPROX",
-    "SOFTMAX_APPROX",
-    "BertConfig",
-    "BertForSequenceClassification",
-    "CheckpointError",
-    "forward",
-    "get_activation",
-    "get_normaliser",
-    "init_params",
-    "load_pretrained",
-    "make_apply",
-    "save_pretrained",
-]
+_EXPORTS = {
+    "GELU_APPROX": "approx",
+    "SOFTMAX_APPROX": "approx",
+    "get_activation": "approx",
+    "get_normaliser": "approx",
+    "BertConfig": "models",
+    "BertForSequenceClassification": "models",
+    "CheckpointError": "models",
+    "forward": "models",
+    "init_params": "models",
+    "load_pretrained": "models",
+    "make_apply": "models",
+    "save_pretrained": "models",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"mpcformer_jax.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mpcformer_jax' has no attribute {name!r}")
