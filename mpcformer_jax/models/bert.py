@@ -84,14 +84,24 @@ class BertSelfAttention(nn.Module):
         def split(t):
             return t.reshape(batch, seq_len, heads, head_dim)
 
-        q = split(_dense(cfg, cfg.hidden_size, "query")(x))
+        # The 1/sqrt(head_dim) scale goes on q (L x d per head) rather than on the scores
+        # (L x L): the same product, half the fixed-point truncations under MPC at L = 128.
+        q = split(_dense(cfg, cfg.hidden_size, "query")(x)) * (1.0 / math.sqrt(head_dim))
         k = split(_dense(cfg, cfg.hidden_size, "key")(x))
         v = split(_dense(cfg, cfg.hidden_size, "value")(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(head_dim))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         key_mask = mask[:, None, None, :].astype(scores.dtype)
-        probs = approx.get_normaliser(cfg.softmax_act)(scores, key_mask)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq_len, cfg.hidden_size)
+        # probs @ v computed as (weights @ masked v) * (1 / row sums): the mask and the
+        # division touch L x d elements per head instead of L x L (approx._finish). Dropout
+        # on the weights equals dropout on the probabilities: the division is per row.
+        weights, values, reciprocal = approx.get_normaliser(cfg.softmax_act)(
+            scores, key_mask, values=v)
+        weights = nn.Dropout(cfg.attention_probs_dropout_prob)(weights,
+                                                               deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhd->bhqd", weights, values)
+        if reciprocal is not None:
+            context = approx._normalise(context, reciprocal=reciprocal)
+        context = context.transpose(0, 2, 1, 3).reshape(batch, seq_len, cfg.hidden_size)
         return context, scores
 
 
