@@ -82,8 +82,11 @@ def write_outputs(store, args, variants, opts, out: Path) -> list[dict]:
                    report.group_table(rows), ""]
     if not tables:
         return []
+    targets = report.check_targets(tables)
+    md += ["Targets of issue 5 (ABY3, BERT-base; * = extrapolated over layers):", "",
+           report.targets_markdown(targets), ""]
     (out / f"{args.tag}.json").write_text(json.dumps(
-        {"options": opts, "tables": tables}, indent=1))
+        {"options": opts, "tables": tables, "targets": targets}, indent=1))
     (out / f"{args.tag}.md").write_text("\n".join(md))
     report.figure(panels, out / f"{args.tag}.png")
     print("\n".join(md))

@@ -63,6 +63,11 @@ def test_store_rows_and_writers(tmp_path):
     md = report.markdown(rows, "t")
     assert md.count("\n| ") == 4 and "quad+2quad" in md and "*" in md
     assert "layernorm" in report.group_table(rows)
+    targets = report.check_targets([{"protocol": "ABY3", "shape": "base-128", "rows": rows}])
+    assert targets[0]["value"] == pytest.approx(58 / 34) and targets[0]["met"] is False
+    assert targets[2]["value"] == pytest.approx(250 / 58) and targets[2]["extrapolated"]
+    assert targets[3]["value"] is None and targets[3]["met"] is None  # no seq-512 table
+    assert "not measured" in report.targets_markdown(targets)
     report.figure({"t": rows}, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
     json.dumps(rows)

@@ -132,3 +132,42 @@ def figure(panels: dict[str, list[dict]], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# Issue 5's targets: (description, protocol, shape, variant, row field, bound, at most?).
+TARGETS = (
+    ("quad+2quad bytes <= 1.5x the floor", "ABY3", "base-128", "quad+2quad",
+     "bytes_vs_floor", 1.5, True),
+    ("quad+2quad time <= 1.1x the floor", "ABY3", "base-128", "quad+2quad",
+     "wall_s_vs_floor", 1.1, True),
+    ("exact bytes >= 15x quad+2quad", "ABY3", "base-128", "quad+2quad",
+     "exact_over", 15.0, False),
+    ("LAN speedup vs exact >= 6x at seq 512", "ABY3", "base-512", "quad+2quad",
+     "LAN_speedup_vs_exact", 6.0, False),
+)
+
+
+def check_targets(tables: list[dict]) -> list[dict]:
+    """Each target with its measured value and whether it is met (None: not measured)."""
+    out = []
+    for desc, protocol, shape, variant, field, bound, at_most in TARGETS:
+        rows = next((t["rows"] for t in tables
+                     if (t["protocol"], t["shape"]) == (protocol, shape)), [])
+        row = next((r for r in rows if r["variant"] == variant), None)
+        value = None
+        if row is not None:
+            ratio = row.get("bytes_vs_exact")
+            value = (1 / ratio if ratio else None) if field == "exact_over" else row.get(field)
+        met = None if value is None else (value <= bound if at_most else value >= bound)
+        extrapolated = bool(row and row.get("extrapolated_from"))
+        out.append({"target": desc, "value": value, "met": met, "extrapolated": extrapolated})
+    return out
+
+
+def targets_markdown(results: list[dict]) -> str:
+    lines = ["| target | measured | met |", "|---|---:|---|"]
+    for t in results:
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+        met = {None: "-", True: "met", False: "not met"}[t["met"]]
+        lines.append(f"| {t['target']} | {value}{'*' if t['extrapolated'] else ''} | {met} |")
+    return "\n".join(lines)

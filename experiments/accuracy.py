@@ -1,0 +1,166 @@
+"""Accuracy beside cost: plaintext and private (ABY3, in-process) accuracy of distilled runs.
+
+    uv run python -m experiments.accuracy runs/default            # one pipeline run
+    uv run python -m experiments.accuracy runs/*/ --max-private 64 --batch 8
+
+For every run folder written by ``python -m experiments.distill`` (``results.json``,
+``teacher/``, the exported students, and the no-distillation baseline's best checkpoint),
+this evaluates teacher, each student and each baseline:
+  * plaintext accuracy on the run's whole test split (the pipeline's own split and order);
+  * private accuracy under ABY3 (simulated in-process, all parties profiled) on a fixed
+    subset: the first ``--max-private`` test examples in that order, padded to the run's
+    ``max_length`` (private inference of a whole split takes hours on 2 cores);
+  * agreement between private and plaintext labels on that subset.
+Rows are approximation pairs, with the cost ratios of ``results/benchmark.json`` (ABY3,
+BERT-base, seq 128) beside them. Writes ``results/accuracy.json`` and ``results/accuracy.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mpcformer_jax.data import load_task, tokenize_split
+from mpcformer_jax.models import load_pretrained
+from mpcformer_jax.private import run
+from mpcformer_jax.private.model import encode_client_inputs, make_private_forward
+
+
+def padded(tok, idx, length: int) -> dict[str, np.ndarray]:
+    """Right-padded (ids, mask) of examples ``idx`` at ``length`` tokens."""
+    ids = np.full((len(idx), length), tok.pad_token_id, np.int32)
+    mask = np.zeros((len(idx), length), np.int32)
+    for row, i in enumerate(idx):
+        x = tok.input_ids[i][:length]
+        ids[row, :len(x)], mask[row, :len(x)] = x, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def evaluate(config, params, tok, length: int, n_private: int, batch: int) -> dict:
+    """Plaintext accuracy on the split; private accuracy and agreement on its first examples."""
+    fwd = jax.jit(make_private_forward(config))
+    plain = []
+    for start in range(0, len(tok), 64):
+        b = padded(tok, range(start, min(start + 64, len(tok))), length)
+        plain.append(np.asarray(fwd(params, *encode_client_inputs(config, **b))))
+    plain = np.concatenate(plain).argmax(-1)
+    private, diffs, wall = [], [], 0.0
+    for start in range(0, min(n_private, len(tok)), batch):
+        idx = range(start, min(start + batch, n_private, len(tok)))
+        res = run((config, params), padded(tok, idx, length), protocol="ABY3", compare=True)
+        private.append(res.labels)
+        diffs.append(res.max_abs_diff)
+        wall += res.report.wall_s
+    private = np.concatenate(private) if private else np.zeros(0, int)
+    n = len(private)
+    return {"plain_acc": float(np.mean(plain == tok.labels)), "n_test": len(tok),
+            "plain_acc_subset": float(np.mean(plain[:n] == tok.labels[:n])),
+            "private_acc": float(np.mean(private == tok.labels[:n])) if n else None,
+            "agreement": float(np.mean(private == plain[:n])) if n else None,
+            "n_private": n, "max_abs_diff": float(max(diffs)) if diffs else None,
+            "private_wall_s": wall}
+
+
+def baseline_params(run_dir: Path, pair: str, student_params):
+    """The no-distillation baseline's best params (orbax), laid out like the student's."""
+    from mpcformer_jax.train.checkpoint import StageCheckpoints
+
+    ckpt = run_dir / "ckpt" / pair / "baseline"
+    if not ckpt.exists():
+        return None
+    manager = StageCheckpoints(ckpt)
+    try:
+        restored = manager.restore_best(student_params)
+    finally:
+        manager.close()
+    return None if restored is None else restored[0]
+
+
+def evaluate_run(run_dir: Path, n_private: int, batch: int) -> list[dict]:
+    """One row per model of a pipeline run."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    task = load_task(cfg["task"], max_examples={"train": cfg["max_train"] or None,
+                                                "dev": cfg["max_dev"] or None,
+                                                "test": cfg["max_test"] or None},
+                     subsample_seed=cfg.get("seed", 0))
+    length = cfg["max_length"]
+    models = [("teacher", "gelu+softmax", run_dir / "teacher", None)]
+    for pair, folder in results["exports"].items():
+        models += [("student (KD)", pair, Path(folder), None),
+                   ("baseline (no KD)", pair, Path(folder), "baseline")]
+    rows = []
+    for name, pair, folder, kind in models:
+        config, params, tokenizer = load_pretrained(folder)
+        if kind == "baseline":
+            params = baseline_params(run_dir, pair, params)
+            if params is None:
+                continue
+        tok = tokenize_split(task.splits["test"], tokenizer, length, config.max_length)
+        row = {"run": run_dir.name, "task": cfg["task"], "model": name, "approx": pair,
+               "max_length": length, **evaluate(config, params, tok, length, n_private, batch)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def cost_ratios(path: Path) -> dict[str, dict]:
+    """Bytes and LAN ratios per approximation pair from the benchmark (ABY3, base-128)."""
+    if not path.exists():
+        return {}
+    for table in json.loads(path.read_text())["tables"]:
+        if (table["protocol"], table["shape"]) == ("ABY3", "base-128"):
+            # Variants are named by their pair, except exact (gelu+softmax).
+            return {("gelu+softmax" if r["variant"] == "exact" else r["variant"]): r
+                    for r in table["rows"]}
+    return {}
+
+
+def markdown(rows: list[dict], costs: dict[str, dict]) -> str:
+    head = ("| run (task) | approx pair | model | bytes / exact | bytes / floor | LAN speedup | "
+            "plaintext acc (test) | private acc (subset) | plaintext acc (subset) | "
+            "private = plaintext labels |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = costs.get(r["approx"]) or {}
+
+        def f(x, fmt="{:.3f}"):
+            return "-" if x is None else fmt.format(x)
+
+        lines.append(
+            f"| {r['run']} ({r['task']}) | {r['approx']} | {r['model']} | "
+            f"{f(c.get('bytes_vs_exact'))} | {f(c.get('bytes_vs_floor'), '{:.2f}')} | "
+            f"{f(c.get('LAN_speedup_vs_exact'), '{:.2f}x')} | {r['plain_acc']:.4f} "
+            f"(n={r['n_test']}) | {f(r['private_acc'], '{:.4f}')} (n={r['n_private']}) | "
+            f"{r['plain_acc_subset']:.4f} | {f(r['agreement'], '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="pipeline run folders (with results.json)")
+    p.add_argument("--max-private", type=int, default=64, help="private subset size")
+    p.add_argument("--batch", type=int, default=8, help="examples per private run")
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--benchmark", type=Path, default=Path("results/benchmark.json"))
+    args = p.parse_args(argv)
+    rows = []
+    for run_dir in args.runs:
+        if (run_dir / "results.json").exists():
+            rows += evaluate_run(run_dir, args.max_private, args.batch)
+        else:
+            print(f"skipping {run_dir}: no results.json (run not finished)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "accuracy.json").write_text(json.dumps(rows, indent=1))
+    md = markdown(rows, cost_ratios(args.benchmark))
+    (args.out / "accuracy.md").write_text(md + "\n")
+    print(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
