@@ -170,30 +170,39 @@ def apply_overrides(config, overrides: list[str] | tuple[str, ...]):
 
     Values are parsed by the field's type: ints, floats, bools (true/false), strings and
     comma-separated tuples (``approximations=quad+2quad,quad+2relu``, ``buckets=32,64``).
+    All overrides are applied before the new config is validated, so overrides that only
+    make sense together (``max_length=256 buckets=128,256``) are accepted.
 
     Raises:
       ValueError: an unknown key (the message lists the valid ones) or a bad value.
     """
+    changes: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"Override {item!r} must read key=value, e.g. stage1.epochs=2.")
-        config = _override(config, key.strip().split("."), value.strip(), key)
-    return config
+        node, target = config, changes
+        path = key.strip().split(".")
+        for depth, name in enumerate(path):
+            hints = typing.get_type_hints(type(node))
+            if name not in hints:
+                raise ValueError(f"Unknown config key {key!r}. Valid keys here are: "
+                                 f"{', '.join(hints)}.")
+            child = getattr(node, name)
+            last = depth == len(path) - 1
+            if last and dataclasses.is_dataclass(child):
+                raise ValueError(f"Config key {key!r} is a group; set one of its fields, "
+                                 f"e.g. {key}.epochs=2.")
+            if not last and not dataclasses.is_dataclass(child):
+                raise ValueError(f"Config key {key!r}: {name} has no sub-keys.")
+            if last:
+                target[name] = _convert(value.strip(), hints[name], key)
+            else:
+                node, target = child, target.setdefault(name, {})
+    return _rebuild(config, changes)
 
 
-def _override(node, path: list[str], value: str, full_key: str):
-    hints = typing.get_type_hints(type(node))
-    name = path[0]
-    if name not in hints:
-        raise ValueError(f"Unknown config key {full_key!r}. Valid keys here are: "
-                         f"{', '.join(hints)}.")
-    if len(path) > 1:
-        child = getattr(node, name)
-        if not dataclasses.is_dataclass(child):
-            raise ValueError(f"Config key {full_key!r}: {name} has no sub-keys.")
-        return dataclasses.replace(node, **{name: _override(child, path[1:], value, full_key)})
-    if dataclasses.is_dataclass(hints[name]):
-        raise ValueError(f"Config key {full_key!r} is a group; set one of its fields, "
-                         f"e.g. {full_key}.epochs=2.")
-    return dataclasses.replace(node, **{name: _convert(value, hints[name], full_key)})
+def _rebuild(node, changes: dict[str, Any]):
+    kw = {name: _rebuild(getattr(node, name), v) if isinstance(v, dict) else v
+          for name, v in changes.items()}
+    return dataclasses.replace(node, **kw) if kw else node

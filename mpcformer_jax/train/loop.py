@@ -72,7 +72,7 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
               buckets: Sequence[int] | None = None, eval_batch_size: int = 64,
               teacher_config: BertConfig | None = None, teacher_params=None,
               layer_map: tuple[int, ...] = (), temperature: float = 1.0,
-              run_config: dict | None = None) -> StageResult:
+              run_config: dict | None = None, select_best: bool = True) -> StageResult:
     """Trains ``params`` for one stage, resuming from ``ckpt_dir`` when it holds a checkpoint.
 
     Args:
@@ -93,6 +93,9 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
       layer_map: teacher layer per student layer (stage 1).
       temperature: stage-2 temperature.
       run_config: JSON dict of the run's config, written beside the checkpoints.
+      select_best: keep the params of the best dev score; False keeps the latest evaluated
+        ones (stage 1: its student has no trained head for its new features, so dev accuracy
+        does not rank its checkpoints; the layer-wise loss is what it minimises).
 
     Returns:
       StageResult with the best dev params.
@@ -170,7 +173,7 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
                 dev_metrics = evaluate(predict, state.params, dev, metric_names,
                                        eval_batch_size, mesh, buckets, desc=f"{name} dev")
                 log.write(stage=name, step=step, event="dev", **dev_metrics)
-                if dev_metrics["main"] > meta["best_score"]:
+                if dev_metrics["main"] > meta["best_score"] or not select_best:
                     meta = {"best_score": dev_metrics["main"], "best_step": step,
                             "best_dev": dev_metrics}
                     ckpts.save_best(step, state.params, meta)

@@ -1,0 +1,30 @@
+"""rt, full run: MiniLM-L6 teacher, students for all four approximation pairs.
+
+Commands:
+    # full: every training example; pairs quad+2quad, quad+2relu, gelu+2quad, quad+softmax
+    # (hours on 2 CPU cores; minutes on an accelerator)
+    python -m experiments.distill --config rt_full
+    # the subsampled quad+2quad run measured for the results table, on 2 CPU cores
+    python -m experiments.distill --config rt_full:cpu
+    # ~3 min pipeline check
+    python -m experiments.distill --config rt_full:smoke
+
+rt: 10,643 train / 1,200 dev / 965 test snippets; max_length 64 (99th percentile 55).
+The cpu variant: 3,200 training snippets, teacher 2 epochs, stage 1 3, stage 2 2, baseline 5.
+
+Expected output: a table with the teacher, then for each pair the student (KD) and the
+no-KD baseline, test metrics and % of the teacher's score; the students exported to
+runs/rt_full/<pair>/student (the cpu variant: runs/rt_full_cpu/student).
+The MPCFormer target is quad+2quad >= 97% of the teacher, and KD above the baseline.
+"""
+
+from __future__ import annotations
+
+from experiments.configs.common import cpu, full, variant_of
+from mpcformer_jax.train.config import DistillConfig
+
+
+def get_config(variant: str = "") -> DistillConfig:
+    """The full config; variants "cpu" (the measured subsampled run) and "smoke"."""
+    cfg = full("rt", max_length=64, buckets=(32, 64), out_dir="runs/rt_full")
+    return variant_of(cfg, variant, cpu(cfg, max_train=3200, epochs=(2, 3, 2)), "rt_full")

@@ -1,0 +1,31 @@
+"""trec, full run: MiniLM-L6 teacher, students for all four approximation pairs.
+
+Commands:
+    # full: every training example; pairs quad+2quad, quad+2relu, gelu+2quad, quad+softmax
+    # (hours on 2 CPU cores; minutes on an accelerator)
+    python -m experiments.distill --config trec_full
+    # the subsampled quad+2quad run measured for the results table, on 2 CPU cores
+    python -m experiments.distill --config trec_full:cpu
+    # ~3 min pipeline check
+    python -m experiments.distill --config trec_full:smoke
+
+trec: 4,849 train / 532 dev / 490 test questions, 47 opaque classes; max_length 32
+(99th percentile 28). The cpu variant: all training questions, teacher 3 epochs, stage 1 4,
+stage 2 2, baseline 6.
+
+Expected output: a table with the teacher, then for each pair the student (KD) and the
+no-KD baseline, test metrics and % of the teacher's score; the students exported to
+runs/trec_full/<pair>/student (the cpu variant: runs/trec_full_cpu/student).
+The MPCFormer target is quad+2quad >= 97% of the teacher, and KD above the baseline.
+"""
+
+from __future__ import annotations
+
+from experiments.configs.common import cpu, full, variant_of
+from mpcformer_jax.train.config import DistillConfig
+
+
+def get_config(variant: str = "") -> DistillConfig:
+    """The full config; variants "cpu" (the measured subsampled run) and "smoke"."""
+    cfg = full("trec", max_length=32, buckets=(16, 32), out_dir="runs/trec_full")
+    return variant_of(cfg, variant, cpu(cfg, max_train=0, epochs=(3, 4, 2)), "trec_full")

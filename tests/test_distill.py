@@ -1,0 +1,187 @@
+"""The pipeline and its entry point: config validation before any work, overrides, config
+files, students with a layer map, data parallelism over 4 forced host devices, and a whole
+pipeline run on a tiny checkpoint."""
+
+import importlib
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import experiments.configs
+from experiments import distill
+from mpcformer_jax.models import BertConfig, init_params, load_pretrained, save_pretrained
+from mpcformer_jax.pipeline import check_config, default_layer_map, make_student, run_pipeline
+from mpcformer_jax.train.config import DistillConfig, StageConfig, apply_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ bad configs fail early
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(task="no_such_task"), "Unknown task 'no_such_task'. Available tasks are: rt"),
+    (dict(approximations=("quad+3quad",)), "Unknown softmax approximation '3quad'"),
+    (dict(approximations=("cubic+2quad",)), "Unknown activation approximation 'cubic'"),
+    (dict(approximations=("quad",)), "must read '<gelu>\\+<softmax>'"),
+])
+def test_bad_configs_fail_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**kwargs)
+    with pytest.raises(ValueError, match="Unknown schedule 'cosine'"):
+        StageConfig(schedule="cosine")
+
+
+def test_unknown_model_and_too_long_max_length_fail_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
+        run_pipeline(DistillConfig(model=str(tmp_path / "no_such_model"), out_dir=str(out)))
+    with pytest.raises(ValueError, match="max_length=1024 exceeds the 512 positions"):
+        run_pipeline(DistillConfig(max_length=1024, out_dir=str(out)))
+    with pytest.raises(ValueError, match="student_layers=8 exceeds"):
+        check_config(DistillConfig(student_layers=8))
+    assert not out.exists()  # nothing was written
+
+
+def test_cli_reports_bad_configs_and_unknown_keys(capsys):
+    assert distill.main(["--set", "task=nope"]) == 2
+    assert "Unknown task 'nope'" in capsys.readouterr().err
+    assert distill.main(["--set", "stage1.epochz=2"]) == 2
+    assert "Unknown config key 'stage1.epochz'. Valid keys here are: epochs" in \
+        capsys.readouterr().err
+    assert distill.main(["--config", "nope"]) == 2
+    assert "Unknown config 'nope'" in capsys.readouterr().err
+    assert distill.main(["--set", "max_length=600", "--set", "buckets=600"]) == 2
+    assert "exceeds the 512 positions" in capsys.readouterr().err
+
+
+def test_overrides_parse_by_field_type():
+    cfg = apply_overrides(DistillConfig(), [
+        "stage1.epochs=2", "stage2.learning_rate=3e-5", "approximations=quad+2quad,quad+2relu",
+        "buckets=32,64", "run_baseline=false", "task=trec"])
+    assert cfg.stage1.epochs == 2 and cfg.stage2.learning_rate == 3e-5
+    assert cfg.approximations == ("quad+2quad", "quad+2relu") and cfg.buckets == (32, 64)
+    assert cfg.run_baseline is False and cfg.task == "trec"
+    with pytest.raises(ValueError, match="is a group"):
+        apply_overrides(cfg, ["stage1=3"])
+
+
+def test_every_config_file_builds_validates_and_documents_its_command():
+    names = [m.name for m in pkgutil.iter_modules(experiments.configs.__path__)
+             if m.name != "common"]
+    assert "default" in names and len(names) >= 4
+    for name in names:
+        module = importlib.import_module(f"experiments.configs.{name}")
+        assert "python -m experiments.distill" in module.__doc__, name
+        for variant in ("", "smoke"):
+            cfg = distill.load_config(f"{name}:{variant}" if variant else name)
+            check_config(cfg)
+        assert distill.load_config(f"{name}:smoke").out_dir.endswith("_smoke")
+
+
+# ------------------------------------------------------------------ students
+
+
+def test_student_copies_the_mapped_teacher_layers():
+    assert default_layer_map(6, 6) == (0, 1, 2, 3, 4, 5)
+    assert default_layer_map(3, 6) == (1, 3, 5)
+    teacher_cfg = BertConfig.tiny(num_hidden_layers=4)
+    teacher = init_params(teacher_cfg, 0)
+    cfg, params = make_student(teacher_cfg, teacher, "quad+2relu", (1, 3))
+    assert (cfg.hidden_act, cfg.softmax_act, cfg.num_hidden_layers) == ("quad", "2relu", 2)
+    layers = params["bert"]["encoder"]["layer"]
+    np.testing.assert_array_equal(layers["1"]["output"]["dense"]["kernel"],
+                                  teacher["bert"]["encoder"]["layer"]["3"]["output"]["dense"][
+                                      "kernel"])
+    layers["0"]["output"]["dense"]["kernel"][:] = 0  # a copy: the teacher is untouched
+    assert np.any(teacher["bert"]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"] != 0)
+
+
+# ------------------------------------------------------------------ data parallel
+
+_DP_SCRIPT = textwrap.dedent("""
+    import sys, jax, numpy as np
+    sys.path.insert(0, "tests")
+    from test_train import synthetic_split, TEACHER, STUDENT, BUCKETS
+    from mpcformer_jax.models import init_params
+    from mpcformer_jax.train import loop, parallel
+    from mpcformer_jax.train.config import StageConfig
+    from mpcformer_jax.train.evaluation import JsonlLog
+    out = sys.argv[1]
+    mesh = parallel.make_mesh()
+    r = loop.run_stage("stage1", "layerwise", StageConfig(epochs=1, batch_size=16, max_steps=3),
+                       STUDENT, init_params(STUDENT, 1), synthetic_split(64, 0),
+                       synthetic_split(32, 1), metric_names=("accuracy",), ckpt_dir=out + "/ckpt",
+                       log=JsonlLog(out + "/m.jsonl"), mesh=mesh, buckets=BUCKETS,
+                       eval_batch_size=16, teacher_config=TEACHER,
+                       teacher_params=init_params(TEACHER, 0), layer_map=(0, 1))
+    leaves = jax.tree_util.tree_leaves(r.params)
+    np.savez(out + "/params.npz", *[np.asarray(x) for x in leaves])
+    print("DEVICES", jax.device_count(), len(leaves[0].sharding.device_set))
+""")
+
+
+def _run_stage_in_subprocess(tmp_path, devices: int) -> list[np.ndarray]:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / f"dp{devices}"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT, str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"DEVICES {devices} {devices}" in proc.stdout
+    data = np.load(out / "params.npz")
+    return [data[k] for k in data.files]
+
+
+@pytest.mark.slow  # two subprocesses, each importing jax and compiling: ~40 s
+def test_data_parallel_over_four_devices_matches_one(tmp_path):
+    four = _run_stage_in_subprocess(tmp_path, 4)
+    one = _run_stage_in_subprocess(tmp_path, 1)
+    for a, b in zip(four, one, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+# ------------------------------------------------------------------ whole pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny BERT with MiniLM's vocabulary and tokenizer, as a checkpoint folder."""
+    _, _, tokenizer = load_pretrained("minilm-l6")
+    cfg = BertConfig.tiny(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    params = init_params(cfg, 0)
+    del params["classifier"]  # like a base encoder: the pipeline sizes a new head
+    flat = {"bert": params["bert"]}
+    return save_pretrained(tmp_path_factory.mktemp("tiny") / "model", cfg, flat, tokenizer)
+
+
+@pytest.mark.slow  # every stage of the pipeline compiled once: ~40 s
+def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
+    stage = StageConfig(epochs=1, batch_size=16, max_steps=3, learning_rate=1e-3)
+    cfg = DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint), max_train=64,
+                        max_dev=32, max_test=32, max_length=32, buckets=(32,),
+                        student_layers=1, approximations=("quad+2quad", "quad+2relu"),
+                        teacher=stage, stage1=stage, stage2=stage, baseline=stage,
+                        eval_batch_size=16, out_dir=str(tmp_path / "run"))
+    results = run_pipeline(cfg)
+    assert [r["model"] for r in results["rows"]] == ["teacher"] + \
+        ["student (KD)", "baseline (no KD)"] * 2
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    student = Path(results["exports"]["quad+2quad"])
+    config, _, _ = load_pretrained(student)
+    assert (config.hidden_act, config.softmax_act, config.num_hidden_layers) == \
+        ("quad", "2quad", 1)
+    assert config.label_names == ("rotten", "fresh")
+    # A second run with the same config resumes: every stage is already done.
+    again = run_pipeline(cfg)
+    assert again["rows"] == results["rows"]
+    with pytest.raises(ValueError, match="different config"):
+        run_pipeline(apply_overrides(cfg, ["stage1.learning_rate=0.5"]))
