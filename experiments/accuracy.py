@@ -8,8 +8,9 @@ For every run folder written by ``python -m experiments.distill`` (``results.jso
 this evaluates teacher, each student and each baseline:
   * plaintext accuracy on the run's whole test split (the pipeline's own split and order);
   * private accuracy under ABY3 (simulated in-process, all parties profiled) on a fixed
-    subset: the first ``--max-private`` test examples in that order, padded to the run's
-    ``max_length`` (private inference of a whole split takes hours on 2 cores);
+    subset: the first ``--max-private`` test examples in that order, each padded to the
+    smallest of the run's length buckets that holds it (private inference of a whole split
+    takes hours on 2 cores);
   * agreement between private and plaintext labels on that subset.
 Rows are approximation pairs, with the cost ratios of ``results/benchmark.json`` (ABY3,
 BERT-base, seq 128) beside them. Writes ``results/accuracy.json`` and ``results/accuracy.md``.
@@ -24,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from mpcformer_jax.bench.measure import cluster_config
 from mpcformer_jax.data import load_task, tokenize_split
 from mpcformer_jax.models import load_pretrained
 from mpcformer_jax.private import run
@@ -40,23 +42,32 @@ def padded(tok, idx, length: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def evaluate(config, params, tok, length: int, n_private: int, batch: int) -> dict:
-    """Plaintext accuracy on the split; private accuracy and agreement on its first examples."""
+def evaluate(config, params, tok, buckets: list[int], n_private: int, batch: int) -> dict:
+    """Plaintext accuracy on the split; private accuracy and agreement on its first examples.
+
+    Examples are padded to the smallest of the run's ``buckets`` that holds them, as the
+    pipeline batches them (a client pads to a public length bucket, not to the maximum).
+    """
+    length = max(buckets)
     fwd = jax.jit(make_private_forward(config))
     plain = []
     for start in range(0, len(tok), 64):
         b = padded(tok, range(start, min(start + 64, len(tok))), length)
         plain.append(np.asarray(fwd(params, *encode_client_inputs(config, **b))))
     plain = np.concatenate(plain).argmax(-1)
-    private, diffs, wall = [], [], 0.0
-    for start in range(0, min(n_private, len(tok)), batch):
-        idx = range(start, min(start + batch, n_private, len(tok)))
-        res = run((config, params), padded(tok, idx, length), protocol="ABY3", compare=True)
-        private.append(res.labels)
-        diffs.append(res.max_abs_diff)
-        wall += res.report.wall_s
-    private = np.concatenate(private) if private else np.zeros(0, int)
-    n = len(private)
+    n = min(n_private, len(tok))
+    fits = [min(b for b in buckets if b >= min(x, length)) for x in tok.lengths[:n]]
+    private, diffs, wall = np.full(n, -1), [], 0.0
+    for bucket in sorted(set(fits)):
+        members = [i for i in range(n) if fits[i] == bucket]
+        for start in range(0, len(members), batch):
+            idx = members[start:start + batch]
+            # The ready ABY3 config with a longer timeout: 2 shared cores are slow.
+            res = run((config, params), padded(tok, idx, bucket), config=cluster_config("ABY3"),
+                      compare=True)
+            private[idx] = res.labels
+            diffs.append(res.max_abs_diff)
+            wall += res.report.wall_s
     return {"plain_acc": float(np.mean(plain == tok.labels)), "n_test": len(tok),
             "plain_acc_subset": float(np.mean(plain[:n] == tok.labels[:n])),
             "private_acc": float(np.mean(private == tok.labels[:n])) if n else None,
@@ -89,6 +100,8 @@ def evaluate_run(run_dir: Path, n_private: int, batch: int) -> list[dict]:
                                                 "test": cfg["max_test"] or None},
                      subsample_seed=cfg.get("seed", 0))
     length = cfg["max_length"]
+    buckets = sorted(b for b in cfg.get("buckets") or [length] if b <= length) or [length]
+    buckets = buckets if buckets[-1] == length else [*buckets, length]
     models = [("teacher", "gelu+softmax", run_dir / "teacher", None)]
     for pair, folder in results["exports"].items():
         models += [("student (KD)", pair, Path(folder), None),
@@ -102,7 +115,7 @@ def evaluate_run(run_dir: Path, n_private: int, batch: int) -> list[dict]:
                 continue
         tok = tokenize_split(task.splits["test"], tokenizer, length, config.max_length)
         row = {"run": run_dir.name, "task": cfg["task"], "model": name, "approx": pair,
-               "max_length": length, **evaluate(config, params, tok, length, n_private, batch)}
+               "max_length": length, **evaluate(config, params, tok, buckets, n_private, batch)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

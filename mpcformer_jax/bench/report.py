@@ -10,7 +10,8 @@ from mpcformer_jax.bench import network
 from mpcformer_jax.bench.measure import extrapolate
 from mpcformer_jax.bench.variants import EXACT, FLOOR
 
-GROUPS = ("embedding", "linear", "attention_normaliser", "activation", "layernorm", "other")
+GROUPS = ("embedding", "linear", "attention_normaliser", "activation", "layernorm", "other",
+          "unattributed")
 GIB = 2**30
 
 
@@ -56,24 +57,35 @@ def full_depth(store: Store, protocol: str, shape, variant: str, **opts) -> dict
 def build_rows(records: list[dict]) -> list[dict]:
     """Adds ratios against exact and the floor and LAN/WAN estimates to full-depth records.
 
-    ``records`` share a protocol and shape. Ratios are of bytes, messages and wall time.
+    ``records`` share a protocol and shape. Ratios are of bytes, messages, wall time and
+    per-party compute; an ``unattributed`` group holds bytes the profile left out of groups.
     """
-    by_name = {r["variant"]: r for r in records}
     rows = []
     for r in records:
         row = dict(r)
+        # Bytes the profile could not put in a group (ops logged under a name the cost
+        # parser does not read, e.g. SPU's erf): shown, not hidden.
+        attributed = sum(g["bytes"] for g in r["groups"].values())
+        row["groups"] = {**r["groups"], "unattributed": {
+            "bytes": max(r["bytes"] - attributed, 0), "messages": 0, "wall_s": 0.0}}
+        # Compute of one party: CPU seconds of all parties / parties where measured (robust
+        # to other jobs on the cores), else the in-process wall time (an upper bound).
+        row["compute_s"] = r["cpu_s"] / r["parties"] if r.get("cpu_s") else r["wall_s"]
+        row["compute_basis"] = "cpu" if r.get("cpu_s") else "wall"
+        rows.append(row)
+    by_name = {r["variant"]: r for r in rows}
+    for row in rows:
         for ref in (EXACT, FLOOR):
             base = by_name.get(ref)
-            for k in ("bytes", "messages", "wall_s"):
-                row[f"{k}_vs_{ref}"] = r[k] / base[k] if base and base[k] else None
+            for k in ("bytes", "messages", "wall_s", "compute_s"):
+                row[f"{k}_vs_{ref}"] = row[k] / base[k] if base and base[k] else None
         for net in network.NETWORKS:
-            row[net.name] = network.latency(net, compute_s=r["wall_s"], bytes_=r["bytes"],
-                                            messages=r["messages"], parties=r["parties"],
-                                            client_bytes=r["client_bytes"])
-        rows.append(row)
+            row[net.name] = network.latency(
+                net, compute_s=row["compute_s"], bytes_=row["bytes"], messages=row["messages"],
+                parties=row["parties"], client_bytes=row["client_bytes"])
+    base = by_name.get(EXACT)
     for row in rows:
         for net in network.NETWORKS:
-            base = by_name.get(EXACT) and next(x for x in rows if x["variant"] == EXACT)
             row[f"{net.name}_speedup_vs_exact"] = (
                 base[net.name]["total_s"] / row[net.name]["total_s"] if base else None)
     return rows
@@ -85,17 +97,20 @@ def _f(x, fmt="{:.2f}"):
 
 def markdown(rows: list[dict], title: str) -> str:
     """One markdown table: a row per variant; ``*`` marks figures extrapolated over layers."""
-    head = ("| variant | wall s | GiB sent | messages | bytes / exact | bytes / floor | "
-            "time / floor | LAN est. s | WAN est. s | LAN speedup | max abs diff |")
-    lines = [f"**{title}**", "", head, "|---|" + "---:|" * 10]
+    head = ("| variant | wall s | compute s/party | GiB sent | messages | bytes / exact | "
+            "bytes / floor | compute / floor | LAN est. s | WAN est. s | LAN speedup | "
+            "WAN speedup | max abs diff |")
+    lines = [f"**{title}**", "", head, "|---|" + "---:|" * 12]
     for r in rows:
         star = "*" if r.get("extrapolated_from") else ""
+        basis = "" if r["compute_basis"] == "cpu" else " (wall)"
         lines.append(
-            f"| {r['variant']} | {r['wall_s']:.1f}{star} | {r['bytes'] / GIB:.3f}{star} | "
-            f"{r['messages']:,.0f}{star} | {_f(r['bytes_vs_exact'], '{:.3f}')} | "
-            f"{_f(r['bytes_vs_floor'])} | {_f(r['wall_s_vs_floor'])} | "
-            f"{r['LAN']['total_s']:.1f} | {r['WAN']['total_s']:.1f} | "
-            f"{_f(r['LAN_speedup_vs_exact'])}x | {_f(r['max_abs_diff'], '{:.1e}')} |")
+            f"| {r['variant']} | {r['wall_s']:.1f}{star} | {r['compute_s']:.1f}{star}{basis} | "
+            f"{r['bytes'] / GIB:.3f}{star} | {r['messages']:,.0f}{star} | "
+            f"{_f(r['bytes_vs_exact'], '{:.3f}')} | {_f(r['bytes_vs_floor'])} | "
+            f"{_f(r['compute_s_vs_floor'])} | {r['LAN']['total_s']:.1f} | "
+            f"{r['WAN']['total_s']:.1f} | {_f(r['LAN_speedup_vs_exact'])}x | "
+            f"{_f(r['WAN_speedup_vs_exact'])}x | {_f(r['max_abs_diff'], '{:.1e}')} |")
     return "\n".join(lines)
 
 
@@ -138,8 +153,8 @@ def figure(panels: dict[str, list[dict]], path: str | Path) -> None:
 TARGETS = (
     ("quad+2quad bytes <= 1.5x the floor", "ABY3", "base-128", "quad+2quad",
      "bytes_vs_floor", 1.5, True),
-    ("quad+2quad time <= 1.1x the floor", "ABY3", "base-128", "quad+2quad",
-     "wall_s_vs_floor", 1.1, True),
+    ("quad+2quad time (compute) <= 1.1x the floor", "ABY3", "base-128", "quad+2quad",
+     "compute_s_vs_floor", 1.1, True),
     ("exact bytes >= 15x quad+2quad", "ABY3", "base-128", "quad+2quad",
      "exact_over", 15.0, False),
     ("LAN speedup vs exact >= 6x at seq 512", "ABY3", "base-512", "quad+2quad",
