@@ -185,3 +185,45 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     assert again["rows"] == results["rows"]
     with pytest.raises(ValueError, match="different config"):
         run_pipeline(apply_overrides(cfg, ["stage1.learning_rate=0.5"]))
+
+
+def _cli(tiny_checkpoint, out_dir, extra=()):
+    return [sys.executable, "-m", "experiments.distill", "--config", "default:smoke",
+            "--set", f"model={tiny_checkpoint}", "--set", f"out_dir={out_dir}",
+            "--set", "max_length=32", "--set", "buckets=32", "--set", "stage1.max_steps=30",
+            "--set", "stage1.epochs=4", "--set", "stage1.checkpoint_every=5",
+            "--set", "stage1.learning_rate=1e-3", *extra]
+
+
+@pytest.mark.slow  # three CLI runs of the tiny pipeline: ~2 min
+def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path, tiny_checkpoint):
+    import signal
+    import time
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    ref = subprocess.run(_cli(tiny_checkpoint, tmp_path / "ref"), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(tiny_checkpoint, out), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once stage 1 has logged step 10 (of 30)
+        steps = [json.loads(x).get("step", 0) for x in log.read_text().splitlines()
+                 if "stage1" in x] if log.exists() else []
+        if steps and max(steps) >= 10:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    again = subprocess.run(_cli(tiny_checkpoint, out), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert '"event": "resumed"' in log.read_text()
+    rows = [json.loads((d / "results.json").read_text())["rows"] for d in (tmp_path / "ref", out)]
+    assert rows[0] == rows[1]
+    weights = [(d / "student" / "model.safetensors").read_bytes() for d in (tmp_path / "ref", out)]
+    assert weights[0] == weights[1]

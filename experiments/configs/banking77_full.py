@@ -10,8 +10,8 @@ Commands:
     python -m experiments.distill --config banking77_full:smoke
 
 banking77: 9,003 train / 1,000 dev / 3,080 test queries, 77 intents; max_length 64
-(99th percentile 52). The cpu variant: 2,400 training queries, teacher 3 epochs, stage 1 2,
-stage 2 1, baseline 3.
+(99th percentile 52). The cpu variant: 2,400 training queries, teacher 3 epochs, stage 1 1,
+stage 2 2, baseline 3.
 
 Expected output: a table with the teacher, then for each pair the student (KD) and the
 no-KD baseline, test metrics and % of the teacher's score; the students exported to
@@ -28,4 +28,4 @@ from mpcformer_jax.train.config import DistillConfig
 def get_config(variant: str = "") -> DistillConfig:
     """The full config; variants "cpu" (the measured subsampled run) and "smoke"."""
     cfg = full("banking77", max_length=64, buckets=(16, 32, 64), out_dir="runs/banking77_full")
-    return variant_of(cfg, variant, cpu(cfg, max_train=2400, epochs=(3, 2, 1)), "banking77_full")
+    return variant_of(cfg, variant, cpu(cfg, max_train=2400, epochs=(3, 1, 2)), "banking77_full")

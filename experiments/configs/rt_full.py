@@ -10,7 +10,7 @@ Commands:
     python -m experiments.distill --config rt_full:smoke
 
 rt: 10,643 train / 1,200 dev / 965 test snippets; max_length 64 (99th percentile 55).
-The cpu variant: 3,200 training snippets, teacher 2 epochs, stage 1 2, stage 2 1, baseline 3.
+The cpu variant: 3,200 training snippets, teacher 2 epochs, stage 1 1, stage 2 2, baseline 3.
 
 Expected output: a table with the teacher, then for each pair the student (KD) and the
 no-KD baseline, test metrics and % of the teacher's score; the students exported to
@@ -27,4 +27,4 @@ from mpcformer_jax.train.config import DistillConfig
 def get_config(variant: str = "") -> DistillConfig:
     """The full config; variants "cpu" (the measured subsampled run) and "smoke"."""
     cfg = full("rt", max_length=64, buckets=(32, 64), out_dir="runs/rt_full")
-    return variant_of(cfg, variant, cpu(cfg, max_train=3200, epochs=(2, 2, 1)), "rt_full")
+    return variant_of(cfg, variant, cpu(cfg, max_train=3200, epochs=(2, 1, 2)), "rt_full")
