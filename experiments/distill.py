@@ -3,8 +3,9 @@
 Runs ``mpcformer_jax.pipeline.run_pipeline`` on a config from ``experiments/configs``:
 fine-tune the teacher, distill each student (stage 1, stage 2), train the no-distillation
 baseline, evaluate all of them on the test split, print the table and export the students.
-With no arguments it runs ``configs/default.py`` (MiniLM-L6 on rt, quad+2quad, about 11 min
-on 2 CPU cores). Running the same command again resumes a killed run.
+With no arguments it runs ``configs/default.py`` (MiniLM-L6 on rt, quad+2quad; sized for about
+11 min on 2 free CPU cores, measured 24 min on 2 shared ones). Running the same command again
+resumes a killed run.
 
 Examples:
   python -m experiments.distill
