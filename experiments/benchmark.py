@@ -82,11 +82,16 @@ def write_outputs(store, args, variants, opts, out: Path) -> list[dict]:
                    report.group_table(rows), ""]
     if not tables:
         return []
+    checks = [c for protocol in args.protocols for shape in (SHAPES[s] for s in args.shapes)
+              for v in variants if (c := report.validation(store, protocol, shape, v.name, **opts))]
+    if checks:
+        md += ["Extrapolation check (a real full-depth run against the 1-and-2-layer fit):", "",
+               report.validation_markdown(checks), ""]
     targets = report.check_targets(tables)
     md += ["Targets of issue 5 (ABY3, BERT-base; * = extrapolated over layers):", "",
            report.targets_markdown(targets), ""]
     (out / f"{args.tag}.json").write_text(json.dumps(
-        {"options": opts, "tables": tables, "targets": targets}, indent=1))
+        {"options": opts, "tables": tables, "targets": targets, "validation": checks}, indent=1))
     (out / f"{args.tag}.md").write_text("\n".join(md))
     report.figure(panels, out / f"{args.tag}.png")
     print("\n".join(md))

@@ -68,6 +68,10 @@ def test_store_rows_and_writers(tmp_path):
     assert targets[2]["value"] == pytest.approx(250 / 58) and targets[2]["extrapolated"]
     assert targets[3]["value"] is None and targets[3]["met"] is None  # no seq-512 table
     assert "not measured" in report.targets_markdown(targets)
+    store.add({**_record("floor", 12, per_layer=2.0), "shape": shape.name, "bytes": 35 * 2**30})
+    check = report.validation(store, "ABY3", shape, "floor")
+    assert check["bytes"] == {"measured": 35 * 2**30, "extrapolated": pytest.approx(34 * 2**30)}
+    assert "35.000 / 34.000" in report.validation_markdown([check])
     report.figure({"t": rows}, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
     json.dumps(rows)

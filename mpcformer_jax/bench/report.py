@@ -42,16 +42,44 @@ class Store:
 
 
 def full_depth(store: Store, protocol: str, shape, variant: str, **opts) -> dict | None:
-    """The record at the shape's full depth: measured if present, else extrapolated."""
-    measured = store.find(protocol=protocol, shape=shape.name, variant=variant,
-                          layers=shape.layers, **opts)
-    if measured is not None:
-        return {**measured, "extrapolated_from": None}
+    """The record at the shape's full depth: extrapolated from the fit layers when they were
+    run (so every variant of a table is obtained the same way), else measured."""
     r1, r2 = (store.find(protocol=protocol, shape=shape.name, variant=variant, layers=n, **opts)
               for n in shape.fit_layers)
-    if r1 is None or r2 is None:
+    if r1 is not None and r2 is not None and shape.layers not in shape.fit_layers:
+        return extrapolate(r1, r2, shape.layers)
+    measured = store.find(protocol=protocol, shape=shape.name, variant=variant,
+                          layers=shape.layers, **opts)
+    return None if measured is None else {**measured, "extrapolated_from": None}
+
+
+def validation(store: Store, protocol: str, shape, variant: str, **opts) -> dict | None:
+    """Measured full depth against the extrapolation: relative error per figure."""
+    measured = store.find(protocol=protocol, shape=shape.name, variant=variant,
+                          layers=shape.layers, **opts)
+    extra = full_depth(store, protocol, shape, variant, **opts)
+    if measured is None or extra is None or not extra.get("extrapolated_from"):
         return None
-    return extrapolate(r1, r2, shape.layers)
+    return {"variant": variant, "protocol": protocol, "shape": shape.name,
+            **{k: {"measured": measured.get(k), "extrapolated": extra.get(k)}
+               for k in ("bytes", "messages", "wall_s", "cpu_s")}}
+
+
+def validation_markdown(checks: list[dict]) -> str:
+    lines = ["| protocol, shape | variant | GiB measured / extrapolated | messages | "
+             "wall s | CPU s (all parties) |", "|---|---|---:|---:|---:|---:|"]
+
+    def pair(d, scale=1.0, fmt="{:.3f}"):
+        m, e = d["measured"], d["extrapolated"]
+        if m is None or e is None:
+            return "-"
+        return f"{fmt.format(m / scale)} / {fmt.format(e / scale)}"
+
+    for c in checks:
+        lines.append(f"| {c['protocol']}, {c['shape']} | {c['variant']} | "
+                     f"{pair(c['bytes'], GIB)} | {pair(c['messages'], fmt='{:,.0f}')} | "
+                     f"{pair(c['wall_s'], fmt='{:.1f}')} | {pair(c['cpu_s'], fmt='{:.1f}')} |")
+    return "\n".join(lines)
 
 
 def build_rows(records: list[dict]) -> list[dict]:
@@ -130,9 +158,13 @@ def figure(panels: dict[str, list[dict]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.4 * nrows), squeeze=False)
     colors = plt.get_cmap("tab10").colors
-    for ax, (title, rows) in zip(axes[0], panels.items(), strict=True):
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, rows) in zip(axes.flat, panels.items(), strict=False):
         names = [r["variant"] for r in rows]
         bottom = [0.0] * len(rows)
         for i, g in enumerate(GROUPS):
