@@ -108,7 +108,7 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
     start = time.time()
     rep = parallel.replicated(mesh)
     params = jax.device_put(params, rep)
-    if stage.epochs == 0 or stage.max_steps < 0:
+    if stage.epochs == 0:
         return StageResult(params, {}, 0, 0, 0, 0.0)
     parallel.check_batch_size(stage.batch_size, mesh)
     parallel.check_batch_size(eval_batch_size, mesh)
