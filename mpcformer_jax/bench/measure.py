@@ -28,6 +28,9 @@ from mpcformer_jax.private.model import encode_client_inputs, make_private_forwa
 LINEAR_FIELDS = ("wall_s", "cpu_s", "bytes", "messages")
 
 
+CPU_METHOD = "party_threads"  # how cpu_s was measured; earlier records used another way
+
+
 def _cpu_seconds() -> float:
     """CPU seconds of this process (all threads, exited ones included) less the main thread's.
 
@@ -84,7 +87,8 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
         "variant": variant.name, "protocol": protocol.upper(), "shape": shape.name,
         "seq_len": shape.seq_len, "layers": layers, "parties": rep.world_size,
         "runtime": runtime or {}, "compiler": compiler or {},
-        "wall_s": rep.wall_s, "cpu_s": cpu_s, "compile_s": compile_s, "total_s": total_s,
+        "wall_s": rep.wall_s, "cpu_s": cpu_s, "cpu_method": CPU_METHOD,
+        "compile_s": compile_s, "total_s": total_s,
         "bytes": rep.total.bytes, "messages": rep.total.messages,
         "groups": {g: {"bytes": t.bytes, "messages": t.messages, "wall_s": t.time_s}
                    for g, t in rep.groups.items()},
@@ -111,6 +115,8 @@ def extrapolate(r1: dict[str, Any], r2: dict[str, Any], layers: int) -> dict[str
 
     out = {k: v for k, v in r2.items() if k not in ("groups",)}
     out.update({k: line(r1[k], r2[k]) for k in LINEAR_FIELDS if k in r1 and k in r2})
+    if not r1.get("cpu_method") == r2.get("cpu_method") == CPU_METHOD:
+        out.pop("cpu_s", None)  # CPU seconds measured two different ways do not fit a line
     out["groups"] = {g: {k: line(r1["groups"][g][k], r2["groups"][g][k]) for k in t}
                      for g, t in r2["groups"].items()}
     out["layers"] = layers

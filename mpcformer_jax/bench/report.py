@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mpcformer_jax.bench import network
-from mpcformer_jax.bench.measure import extrapolate
+from mpcformer_jax.bench.measure import CPU_METHOD, extrapolate
 from mpcformer_jax.bench.variants import EXACT, FLOOR
 
 GROUPS = ("embedding", "linear", "attention_normaliser", "activation", "layernorm", "other",
@@ -62,12 +62,12 @@ def validation(store: Store, protocol: str, shape, variant: str, **opts) -> dict
         return None
     return {"variant": variant, "protocol": protocol, "shape": shape.name,
             **{k: {"measured": measured.get(k), "extrapolated": extra.get(k)}
-               for k in ("bytes", "messages", "wall_s", "cpu_s")}}
+               for k in ("bytes", "messages", "wall_s")}}
 
 
 def validation_markdown(checks: list[dict]) -> str:
     lines = ["| protocol, shape | variant | GiB measured / extrapolated | messages | "
-             "wall s | CPU s (all parties) |", "|---|---|---:|---:|---:|---:|"]
+             "wall s |", "|---|---|---:|---:|---:|"]
 
     def pair(d, scale=1.0, fmt="{:.3f}"):
         m, e = d["measured"], d["extrapolated"]
@@ -78,7 +78,7 @@ def validation_markdown(checks: list[dict]) -> str:
     for c in checks:
         lines.append(f"| {c['protocol']}, {c['shape']} | {c['variant']} | "
                      f"{pair(c['bytes'], GIB)} | {pair(c['messages'], fmt='{:,.0f}')} | "
-                     f"{pair(c['wall_s'], fmt='{:.1f}')} | {pair(c['cpu_s'], fmt='{:.1f}')} |")
+                     f"{pair(c['wall_s'], fmt='{:.1f}')} |")
     return "\n".join(lines)
 
 
@@ -98,8 +98,9 @@ def build_rows(records: list[dict]) -> list[dict]:
             "bytes": max(r["bytes"] - attributed, 0), "messages": 0, "wall_s": 0.0}}
         # Compute of one party: CPU seconds of all parties / parties where measured (robust
         # to other jobs on the cores), else the in-process wall time (an upper bound).
-        row["compute_s"] = r["cpu_s"] / r["parties"] if r.get("cpu_s") else r["wall_s"]
-        row["compute_basis"] = "cpu" if r.get("cpu_s") else "wall"
+        cpu = r.get("cpu_s") if r.get("cpu_method") == CPU_METHOD else None
+        row["compute_s"] = cpu / r["parties"] if cpu else r["wall_s"]
+        row["compute_basis"] = "cpu" if cpu else "wall"
         rows.append(row)
     by_name = {r["variant"]: r for r in rows}
     for row in rows:
