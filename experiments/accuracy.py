@@ -2,6 +2,7 @@
 
     uv run python -m experiments.accuracy runs/default            # one pipeline run
     uv run python -m experiments.accuracy runs/*/ --max-private 64 --batch 8
+    uv run python -m experiments.accuracy --render-only   # new cost columns, same accuracies
 
 For every run folder written by ``python -m experiments.distill`` (``results.json``,
 ``teacher/``, the exported students, and the no-distillation baseline's best checkpoint),
@@ -155,14 +156,16 @@ def markdown(rows: list[dict], costs: dict[str, dict]) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="pipeline run folders (with results.json)")
+    p.add_argument("runs", nargs="*", type=Path, help="pipeline run folders (with results.json)")
+    p.add_argument("--render-only", action="store_true",
+                   help="rebuild accuracy.md from accuracy.json and the benchmark (no runs)")
     p.add_argument("--max-private", type=int, default=64, help="private subset size")
     p.add_argument("--batch", type=int, default=8, help="examples per private run")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--benchmark", type=Path, default=Path("results/benchmark.json"))
     args = p.parse_args(argv)
-    rows = []
-    for run_dir in args.runs:
+    rows = json.loads((args.out / "accuracy.json").read_text()) if args.render_only else []
+    for run_dir in [] if args.render_only else args.runs:
         if (run_dir / "results.json").exists():
             rows += evaluate_run(run_dir, args.max_private, args.batch)
         else:

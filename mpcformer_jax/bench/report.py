@@ -124,6 +124,11 @@ def _f(x, fmt="{:.2f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _wall(x: float) -> str:
+    # A wall-time line fitted through two noisy runs can go below zero: say so, not "-12 s".
+    return f"{x:.1f}" if x >= 0 else "noise"
+
+
 def markdown(rows: list[dict], title: str) -> str:
     """One markdown table: a row per variant; ``*`` marks figures extrapolated over layers."""
     head = ("| variant | wall s | compute s/party | GiB sent | messages | bytes / exact | "
@@ -134,7 +139,7 @@ def markdown(rows: list[dict], title: str) -> str:
         star = "*" if r.get("extrapolated_from") else ""
         basis = "" if r["compute_basis"] == "cpu" else " (wall)"
         lines.append(
-            f"| {r['variant']} | {r['wall_s']:.1f}{star} | {r['compute_s']:.1f}{star}{basis} | "
+            f"| {r['variant']} | {_wall(r['wall_s'])}{star} | {r['compute_s']:.1f}{star}{basis} | "
             f"{r['bytes'] / GIB:.3f}{star} | {r['messages']:,.0f}{star} | "
             f"{_f(r['bytes_vs_exact'], '{:.3f}')} | {_f(r['bytes_vs_floor'])} | "
             f"{_f(r['compute_s_vs_floor'])} | {r['LAN']['total_s']:.1f} | "

@@ -46,16 +46,23 @@ class Shape:
     fit_layers: tuple[int, int] = (1, 2)
     small: bool = False
 
+    hidden: int = 768  # heads = hidden / 64, FFN = 4 x hidden, BERT's vocabulary
+
     def config(self, layers: int) -> BertConfig:
         if self.small:
             return BertConfig.tiny(num_hidden_layers=layers)
-        return BertConfig.base(num_hidden_layers=layers)
+        return BertConfig.base(num_hidden_layers=layers, hidden_size=self.hidden,
+                               num_attention_heads=self.hidden // 64,
+                               intermediate_size=4 * self.hidden)
 
 
 SHAPES = {
     "base-128": Shape("base-128", 128, 12),
     "base-512": Shape("base-512", 512, 12),
-    "base-32": Shape("base-32", 32, 12),      # CHEETAH's shape on 2 cores (see README)
+    # CHEETAH on 2 cores and 23 GB: BERT-base at seq 32 was killed for memory (14 GB); a
+    # 4-layer, hidden-256 BERT with the real vocabulary, and the tiny model, fit.
+    "base-32": Shape("base-32", 32, 12),
+    "mini-32": Shape("mini-32", 32, 4, hidden=256),
     "tiny-16": Shape("tiny-16", 16, 2, small=True),
 }
 PROTOCOLS = ("ABY3", "SEMI2K", "CHEETAH")
