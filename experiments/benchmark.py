@@ -3,12 +3,13 @@
     uv run python -m experiments.benchmark --small                       # tiny model, ~1 min
     uv run python -m experiments.benchmark --protocols ABY3 --shapes base-128
     uv run python -m experiments.benchmark --protocols ABY3 SEMI2K --shapes base-128 base-512
-    uv run python -m experiments.benchmark --protocols CHEETAH --shapes base-32
-    uv run python -m experiments.benchmark --report-only                 # tables + figure
+    uv run python -m experiments.benchmark --protocols CHEETAH --shapes mini-32 tiny-16
+    uv run python -m experiments.benchmark --report-only --protocols ABY3 SEMI2K CHEETAH \
+        --shapes base-128 base-512 mini-32 tiny-16                      # tables + figure
 
 Each (protocol, shape, variant) runs at the shape's ``fit_layers`` (1 and 2 encoder layers)
-and is extrapolated linearly to 12 (``--full-depth`` runs all 12 layers instead, which is how
-the extrapolation was validated). Raw records accumulate in ``results/bench_raw.json`` (a
+and is extrapolated linearly to 12 (``--full-depth`` also runs all 12 layers, which is how
+the extrapolation was validated). Raw records accumulate in ``results/benchmark_raw.json`` (a
 rerun skips what is there; ``--force`` redoes it); tables go to ``results/benchmark.md`` and
 ``results/benchmark.json``, the figure to ``results/benchmark.png``.
 """

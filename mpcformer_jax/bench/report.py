@@ -62,12 +62,12 @@ def validation(store: Store, protocol: str, shape, variant: str, **opts) -> dict
         return None
     return {"variant": variant, "protocol": protocol, "shape": shape.name,
             **{k: {"measured": measured.get(k), "extrapolated": extra.get(k)}
-               for k in ("bytes", "messages", "wall_s")}}
+               for k in ("bytes", "messages", "wall_s", "cpu_s")}}
 
 
 def validation_markdown(checks: list[dict]) -> str:
     lines = ["| protocol, shape | variant | GiB measured / extrapolated | messages | "
-             "wall s |", "|---|---|---:|---:|---:|"]
+             "wall s | CPU s (all parties) |", "|---|---|---:|---:|---:|---:|"]
 
     def pair(d, scale=1.0, fmt="{:.3f}"):
         m, e = d["measured"], d["extrapolated"]
@@ -78,7 +78,7 @@ def validation_markdown(checks: list[dict]) -> str:
     for c in checks:
         lines.append(f"| {c['protocol']}, {c['shape']} | {c['variant']} | "
                      f"{pair(c['bytes'], GIB)} | {pair(c['messages'], fmt='{:,.0f}')} | "
-                     f"{pair(c['wall_s'], fmt='{:.1f}')} |")
+                     f"{pair(c['wall_s'], fmt='{:.1f}')} | {pair(c['cpu_s'], fmt='{:.1f}')} |")
     return "\n".join(lines)
 
 
