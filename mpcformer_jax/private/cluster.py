@@ -73,6 +73,11 @@ def node_main(cluster: ClusterConfig, rank: int, key: bytes) -> None:
         addrs = [n.link_addr for n in cluster.nodes]
         raise WireError(f"{what}: could not connect to the other nodes {addrs} within the "
                         f"retry budget of the config's link section: {err}") from None
+    # The runtime's protocol setup is a collective among the nodes: do it before serving the
+    # owner and the client. Done later, a node busy receiving a large model share would hold
+    # the others in that collective while they wait for the owner, who is still sending to
+    # it: a deadlock that small test models (whose shares fit in socket buffers) never show.
+    rt = spu.Runtime(lctx, cluster.runtime_config())
     peers = {}
     try:
         while len(peers) < 2:
@@ -85,7 +90,7 @@ def node_main(cluster: ClusterConfig, rank: int, key: bytes) -> None:
             ch.peer = role
             peers[role] = ch
         server.close()
-        _serve(cluster, rank, lctx, peers["owner"], peers["client"], tmp)
+        _serve(cluster, rank, rt, peers["owner"], peers["client"], tmp)
     except Exception as err:
         for ch in peers.values():  # tell the others why, so they fail fast with a reason
             try:
@@ -101,10 +106,8 @@ def node_main(cluster: ClusterConfig, rank: int, key: bytes) -> None:
     lctx.stop_link()
 
 
-def _serve(cluster, rank, lctx, owner, client, tmp: Path) -> None:
+def _serve(cluster, rank, rt, owner, client, tmp: Path) -> None:
     timeout = cluster.timeout_s
-    rt_config = cluster.runtime_config()
-    rt = spu.Runtime(lctx, rt_config)
     _, meta, blobs = owner.recv(timeout, "model")
     n_seg = len(meta["program"]["segments"])
     compiled = CompiledForward.from_wire(meta["program"], blobs[:n_seg])
