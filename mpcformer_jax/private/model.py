@@ -57,8 +57,3 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarr
                     return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
-
-def label_names(hf_config: dict, num_labels: int) -> list[str]:
-    """Label names from a config.json's id2label, or LABEL_i."""
-    id2label = hf_config.get("id2label") or {}
-    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels)]

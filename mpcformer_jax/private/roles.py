@@ -45,7 +45,6 @@ def export_card(model_dir: str | Path, out_dir: str | Path) -> Path:
 def load_card(card_dir: str | Path):
     """(BertConfig, tokenizer, label names) from a model card folder."""
     from mpcformer_jax.models import BertConfig
-    from mpcformer_jax.private.model import label_names
 
     card = Path(card_dir)
     try:
@@ -58,7 +57,7 @@ def load_card(card_dir: str | Path):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(card))
-    return config, tokenizer, label_names(hf, config.num_labels)
+    return config, tokenizer, list(config.labels)
 
 
 def owner_main(cluster: ClusterConfig, model_dir: str, batch_size: int, max_length: int,
