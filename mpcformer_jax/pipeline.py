@@ -163,7 +163,8 @@ def run_pipeline(cfg: DistillConfig, *, fresh: bool = False) -> dict[str, Any]:
         distill = dict(teacher_config=teacher_config, teacher_params=teacher.params, **common)
         s1 = run_stage(f"{pair} stage1", "layerwise", cfg.stage1, student_config,
                        student_params, data["train"], data["dev"], ckpt_dir=ckpt / "stage1",
-                       layer_map=layer_map, select_best=False, **distill)
+                       layer_map=layer_map, layerwise_weights=cfg.layerwise_weights,
+                       select_best=False, **distill)
         s2 = run_stage(f"{pair} stage2", "prediction", cfg.stage2, student_config, s1.params,
                        data["train"], data["dev"], ckpt_dir=ckpt / "stage2",
                        temperature=cfg.temperature, **distill)

@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
     (dict(approximations=("quad+3quad",)), "Unknown softmax approximation '3quad'"),
     (dict(approximations=("cubic+2quad",)), "Unknown activation approximation 'cubic'"),
     (dict(approximations=("quad",)), "must read '<gelu>\\+<softmax>'"),
+    (dict(layerwise_weights=(1.0, 1.0)), "layerwise_weights must be 3 weights"),
+    (dict(layerwise_weights=(1.0, -1.0, 1.0)), "layerwise_weights must be 3 weights"),
 ])
 def test_bad_configs_fail_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):

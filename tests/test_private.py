@@ -139,3 +139,40 @@ def test_bad_inputs_say_what_to_do(tiny):
         run(tiny, ["some text"], protocol="ABY3")
     with pytest.raises(ConfigError, match="unknown protocol"):
         run(tiny, {"input_ids": np.zeros((1, 4), np.int32)}, protocol="SPDZ")
+
+
+def test_profile_parser_reads_custom_calls():
+    """SPU's native erf logs as a custom call; its bytes must land in a group, not vanish."""
+    from mpcformer_jax.private.cost import CostReport, fill_report, parse_profile
+
+    log = "\n".join([
+        "[Profiling] SPU execution s003_activation completed, input processing took 1e-06s, "
+        "execution took 0.02s, output processing took 1e-06s, total time 0.02s.",
+        "[info] [api.cc:223] - pphlo.custom_call: mhlo.erf, executed 1 times, duration "
+        "0.0107s, send bytes 10624 recv bytes 10816, send actions 85, recv actions 88",
+        "[info] [api.cc:223] - pphlo.multiply, executed 1 times, duration 0.0008s, send bytes "
+        "320 recv bytes 320, send actions 3, recv actions 3",
+    ])
+    by_exe, _, headers = parse_profile(log)
+    assert headers == 1
+    assert by_exe["s003_activation"]["pphlo.custom_call: mhlo.erf"].bytes == 10624
+    report = CostReport("ABY3", 3)
+    fill_report(report, by_exe, parties_logging=1)
+    assert report.total.bytes == 10624 + 320
+    assert report.groups["activation"].bytes == 10624 + 320
+    assert report.total.messages == 85 + 3
+
+
+def test_results_print_a_score_for_regression(capsys):
+    """A one-output (regression) model prints its score, not a softmax over one class."""
+    from mpcformer_jax.private.cost import CostReport
+    from mpcformer_jax.private.roles import print_results
+
+    print_results(["a", "b"], np.array([[3.25], [-1.5]]), ["LABEL_0"], CostReport("ABY3", 3),
+                  as_json=True)
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["score"] for r in rows] == [3.25, -1.5]
+    assert "probabilities" not in rows[0]
+    print_results(["a"], np.array([[0.0, 2.0]]), ["neg", "pos"], CostReport("ABY3", 3),
+                  as_json=False)
+    assert capsys.readouterr().out.startswith("pos\t0.881\ta")

@@ -72,6 +72,25 @@ def test_masked_losses_ignore_padding():
                                losses.masked_hidden_mse(h_s, h_t2, mask), rtol=1e-6)
 
 
+def test_layerwise_loss_weights_its_terms():
+    rng = np.random.default_rng(1)
+
+    def inter():
+        return {"embeddings": jnp.asarray(rng.normal(size=(2, 4, 6))),
+                "hidden_states": [jnp.asarray(rng.normal(size=(2, 4, 6))) for _ in range(2)],
+                "attention_scores": [jnp.asarray(rng.normal(size=(2, 3, 4, 4)))
+                                     for _ in range(2)]}
+
+    s, t, mask, w = inter(), inter(), np.ones((2, 4), np.float32), np.ones(2, np.float32)
+    plain, parts = losses.layerwise_distill_loss(s, t, mask, w, (0, 1))
+    np.testing.assert_allclose(plain, parts["embedding"] + parts["hidden"] + parts["attention"],
+                               rtol=1e-6)
+    weighted, same_parts = losses.layerwise_distill_loss(s, t, mask, w, (0, 1), (0.5, 2.0, 0.0))
+    np.testing.assert_allclose(weighted, 0.5 * parts["embedding"] + 2.0 * parts["hidden"],
+                               rtol=1e-6)
+    assert float(same_parts["attention"]) == float(parts["attention"])  # logged unweighted
+
+
 def test_soft_cross_entropy_is_minimal_at_the_teacher():
     teacher = jnp.array([[2.0, -1.0, 0.5]])
     w = jnp.ones(1)

@@ -24,8 +24,9 @@ from mpcformer_jax.private.program import GROUPS
 
 _HEADER = re.compile(r"\[Profiling\] SPU execution (\S+) completed, input processing took "
                      r"\S+s, execution took (\S+)s")
-_OP = re.compile(r"- (pphlo\.\w+), executed (\d+) times, duration (\S+)s, send bytes (\d+) "
-                 r"recv bytes (\d+), send actions (\d+), recv actions (\d+)")
+# A custom call logs as "pphlo.custom_call: mhlo.erf" (SPU's native erf): one op name.
+_OP = re.compile(r"- (pphlo\.\w+(?:: [\w.]+)?), executed (\d+) times, duration (\S+)s, "
+                 r"send bytes (\d+) recv bytes (\d+), send actions (\d+), recv actions (\d+)")
 _LINK = re.compile(r"Link details: total send bytes (\d+), recv bytes (\d+), send actions "
                    r"(\d+), recv actions (\d+)")
 
@@ -35,7 +36,8 @@ OP_GROUPS = {
     "pphlo.exponential": "attention_normaliser", "pphlo.reciprocal": "attention_normaliser",
     "pphlo.divide": "attention_normaliser", "pphlo.maximum": "attention_normaliser",
     "pphlo.rsqrt": "layernorm", "pphlo.sqrt": "layernorm",
-    "pphlo.tanh": "activation", "pphlo.erf": "activation", "pphlo.logistic": "activation",
+    "pphlo.tanh": "activation", "pphlo.custom_call: mhlo.erf": "activation",
+    "pphlo.logistic": "activation",
     "pphlo.less": "activation", "pphlo.greater": "activation",
 }
 

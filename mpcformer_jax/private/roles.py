@@ -120,18 +120,26 @@ def client_main(cluster: ClusterConfig, card_dir: str, texts: list[str] | None,
 
 
 def print_results(texts, logits: np.ndarray, names: list[str], report, as_json: bool) -> None:
-    """Prints labels, probabilities and the cost report (text or JSON) on stdout."""
-    z = logits - logits.max(-1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    rows = [{"text": t, "label": names[int(p.argmax())], "probabilities":
-             {n: round(float(q), 4) for n, q in zip(names, p, strict=True)},
-             "logits": [float(x) for x in lg]}
-            for t, p, lg in zip(texts, probs, logits, strict=True)]
+    """Prints labels and probabilities (a score for a regression model, whose single output
+    is not a distribution) and the cost report (text or JSON) on stdout."""
+    if logits.shape[-1] == 1:
+        rows = [{"text": t, "score": float(lg[0]), "logits": [float(lg[0])]}
+                for t, lg in zip(texts, logits, strict=True)]
+    else:
+        z = logits - logits.max(-1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        rows = [{"text": t, "label": names[int(p.argmax())], "probabilities":
+                 {n: round(float(q), 4) for n, q in zip(names, p, strict=True)},
+                 "logits": [float(x) for x in lg]}
+                for t, p, lg in zip(texts, probs, logits, strict=True)]
     if as_json:
         print(json.dumps({"results": rows, "cost": report.to_dict()}, indent=2))
     else:
         for row in rows:
-            best = row["probabilities"][row["label"]]
-            print(f"{row['label']}\t{best:.3f}\t{row['text']}")
+            if "score" in row:
+                print(f"score\t{row['score']:.4f}\t{row['text']}")
+            else:
+                best = row["probabilities"][row["label"]]
+                print(f"{row['label']}\t{best:.3f}\t{row['text']}")
         print(report.format())
     sys.stdout.flush()

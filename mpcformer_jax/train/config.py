@@ -86,6 +86,8 @@ class DistillConfig:
       layer_map: teacher layer imitated by each student layer (empty: evenly spaced,
         the last student layer on the last teacher layer).
       temperature: stage-2 softening temperature.
+      layerwise_weights: stage-1 weights of the (embedding, hidden-state, attention-score)
+        MSE terms; MPCFormer uses (1, 1, 1).
       teacher, stage1, stage2, baseline: optimisation of each stage.
       run_baseline: also train the no-distillation baseline.
       eval_batch_size: batch size of dev/test evaluation.
@@ -105,6 +107,7 @@ class DistillConfig:
     student_layers: int = 0
     layer_map: tuple[int, ...] = ()
     temperature: float = 1.0
+    layerwise_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
     teacher: StageConfig = StageConfig(epochs=3, learning_rate=5e-5)
     stage1: StageConfig = StageConfig(epochs=5, learning_rate=5e-5)
     stage2: StageConfig = StageConfig(epochs=3, learning_rate=5e-5)
@@ -133,6 +136,9 @@ class DistillConfig:
         if self.layer_map and self.student_layers and len(self.layer_map) != self.student_layers:
             raise ValueError(f"layer_map {self.layer_map} has {len(self.layer_map)} entries "
                              f"for student_layers={self.student_layers}.")
+        if len(self.layerwise_weights) != 3 or min(self.layerwise_weights) < 0:
+            raise ValueError(f"layerwise_weights must be 3 weights >= 0 (embedding, hidden, "
+                             f"attention), got {self.layerwise_weights}.")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         for name in ("max_train", "max_dev", "max_test", "student_layers", "seed"):

@@ -72,6 +72,7 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
               buckets: Sequence[int] | None = None, eval_batch_size: int = 64,
               teacher_config: BertConfig | None = None, teacher_params=None,
               layer_map: tuple[int, ...] = (), temperature: float = 1.0,
+              layerwise_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
               run_config: dict | None = None, select_best: bool = True) -> StageResult:
     """Trains ``params`` for one stage, resuming from ``ckpt_dir`` when it holds a checkpoint.
 
@@ -92,6 +93,7 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
       teacher_config, teacher_params: the frozen teacher (distillation kinds).
       layer_map: teacher layer per student layer (stage 1).
       temperature: stage-2 temperature.
+      layerwise_weights: stage-1 (embedding, hidden, attention) term weights.
       run_config: JSON dict of the run's config, written beside the checkpoints.
       select_best: keep the params of the best dev score; False keeps the latest evaluated
         ones (stage 1: its student has no trained head for its new features, so dev accuracy
@@ -124,7 +126,7 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
     tx = make_optimizer(stage, total)
     train_step = make_train_step(kind, config, tx, learning_rate_schedule(stage, total),
                                  teacher_config=teacher_config, layer_map=layer_map,
-                                 temperature=temperature)
+                                 temperature=temperature, layerwise_weights=layerwise_weights)
     predict = make_predict_step(config)
     if teacher_params is not None:
         teacher_params = jax.device_put(teacher_params, rep)

@@ -109,18 +109,26 @@ def masked_attention_mse(student: Array, teacher: Array, token_mask: Array) -> A
 
 
 def layerwise_distill_loss(student_inter: dict, teacher_inter: dict, attention_mask: Array,
-                           weights: Array, layer_map: tuple[int, ...]) -> tuple[Array, dict]:
+                           weights: Array, layer_map: tuple[int, ...],
+                           term_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                           ) -> tuple[Array, dict]:
     """Stage-1 loss: embedding, hidden-state and attention-score MSE, summed over layers.
+
+    MPCFormer (and TinyBERT) add the three kinds of term with equal weight. ``term_weights``
+    scales them (embedding, hidden, attention): pre-softmax scores are larger numbers than
+    LayerNorm'd hidden states, so with equal weights the attention term can drown the
+    hidden-state terms that the prediction layer actually reads.
 
     Args:
       student_inter, teacher_inter: the models' ``intermediates`` (see ``models.forward``).
       attention_mask: (B, L) 0/1 token mask.
       weights: (B,) 0/1 example weights.
       layer_map: ``layer_map[i]`` is the teacher layer that student layer i imitates.
+      term_weights: multipliers of the (embedding, hidden, attention) terms.
 
     Returns:
-      ``(loss, parts)``; parts holds the summed ``embedding``, ``hidden`` and ``attention``
-      terms for logging.
+      ``(loss, parts)``; parts holds the unweighted summed ``embedding``, ``hidden`` and
+      ``attention`` terms for logging.
     """
     token_mask = attention_mask.astype(jnp.float32) * weights[:, None]
     emb = masked_hidden_mse(student_inter["embeddings"], teacher_inter["embeddings"], token_mask)
@@ -130,4 +138,6 @@ def layerwise_distill_loss(student_inter: dict, teacher_inter: dict, attention_m
     attention = sum(masked_attention_mse(student_inter["attention_scores"][i],
                                          teacher_inter["attention_scores"][j], token_mask)
                     for i, j in enumerate(layer_map))
-    return emb + hidden + attention, {"embedding": emb, "hidden": hidden, "attention": attention}
+    w_emb, w_hidden, w_attention = term_weights
+    loss = w_emb * emb + w_hidden * hidden + w_attention * attention
+    return loss, {"embedding": emb, "hidden": hidden, "attention": attention}

@@ -41,7 +41,9 @@ class TrainState:
 def make_train_step(kind: str, student_config: BertConfig, tx: optax.GradientTransformation,
                     schedule: optax.Schedule | None = None, *,
                     teacher_config: BertConfig | None = None, layer_map: tuple[int, ...] = (),
-                    temperature: float = 1.0) -> Callable:
+                    temperature: float = 1.0,
+                    layerwise_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                    ) -> Callable:
     """Builds the jitted ``train_step`` of one stage.
 
     Args:
@@ -52,6 +54,7 @@ def make_train_step(kind: str, student_config: BertConfig, tx: optax.GradientTra
       teacher_config: the teacher's config (distillation kinds).
       layer_map: teacher layer of each student layer (stage 1).
       temperature: stage-2 temperature.
+      layerwise_weights: stage-1 (embedding, hidden, attention) term weights.
 
     Returns:
       ``train_step(state, teacher_params, batch, rng) -> (state, metrics)``. ``rng`` is the
@@ -82,7 +85,7 @@ def make_train_step(kind: str, student_config: BertConfig, tx: optax.GradientTra
                               output_intermediates=kind == "layerwise")
         if kind == "layerwise":
             return losses.layerwise_distill_loss(out[1], teacher_out[1], mask, weights,
-                                                 layer_map)
+                                                 layer_map, layerwise_weights)
         loss = losses.prediction_distill_loss(out, teacher_out, weights,
                                               student_config.is_regression, temperature)
         return loss, {}
