@@ -67,6 +67,7 @@ def test_store_rows_and_writers(tmp_path):
     targets = report.check_targets([{"protocol": "ABY3", "shape": "base-128", "rows": rows}])
     assert targets[0]["value"] == pytest.approx(58 / 34) and targets[0]["met"] is False
     assert targets[2]["value"] == pytest.approx(250 / 58) and targets[2]["extrapolated"]
+    assert targets[2]["floor_value"] == pytest.approx(250 / 34)  # the best any variant can do
     assert targets[3]["value"] is None and targets[3]["met"] is None  # no seq-512 table
     assert "not measured" in report.targets_markdown(targets)
     store.add({**_record("floor", 12, per_layer=2.0), "shape": shape.name, "bytes": 35 * 2**30})
