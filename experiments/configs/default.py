@@ -31,7 +31,7 @@ teacher/ and student/ (``save_pretrained`` folders; ``spu_run --model runs/defau
 
 from __future__ import annotations
 
-from experiments.configs.common import smoke
+from experiments.configs.common import LAYERWISE_WEIGHTS, STAGE1_LR, smoke
 from mpcformer_jax.train.config import DistillConfig, StageConfig
 
 
@@ -40,11 +40,11 @@ def get_config(variant: str = "") -> DistillConfig:
     cfg = DistillConfig(
         name="default", task="rt", max_train=1600, max_dev=400, max_test=0,
         model="minilm-l6", max_length=64, buckets=(32, 64),
-        approximations=("quad+2quad",),
+        approximations=("quad+2quad",), layerwise_weights=LAYERWISE_WEIGHTS,
         teacher=StageConfig(epochs=2, batch_size=32, learning_rate=1e-4),
-        stage1=StageConfig(epochs=2, batch_size=32, learning_rate=5e-4),
+        stage1=StageConfig(epochs=4, batch_size=32, learning_rate=STAGE1_LR),
         stage2=StageConfig(epochs=1, batch_size=32, learning_rate=1e-4),
-        baseline=StageConfig(epochs=3, batch_size=32, learning_rate=1e-4),
+        baseline=StageConfig(epochs=5, batch_size=32, learning_rate=1e-4),
         out_dir="runs/default")
     if variant == "smoke":
         return smoke(cfg)
