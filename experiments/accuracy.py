@@ -4,6 +4,8 @@
     uv run python -m experiments.accuracy runs/*/ --max-private 64 --batch 8
     uv run python -m experiments.accuracy --render-only   # new cost columns, same accuracies
 
+Rows accumulate in ``results/accuracy.json``: evaluating a run replaces only that run's rows.
+
 For every run folder written by ``python -m experiments.distill`` (``results.json``,
 ``teacher/``, the exported students, and the no-distillation baseline's best checkpoint),
 this evaluates teacher, each student and each baseline:
@@ -164,9 +166,15 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--benchmark", type=Path, default=Path("results/benchmark.json"))
     args = p.parse_args(argv)
-    rows = json.loads((args.out / "accuracy.json").read_text()) if args.render_only else []
+    # Rows of earlier invocations are kept, except those of the runs evaluated now, so runs can
+    # be added one at a time as their training finishes.
+    stored = args.out / "accuracy.json"
+    rows = json.loads(stored.read_text()) if stored.exists() else []
+    todo = [] if args.render_only else [r for r in args.runs if (r / "results.json").exists()]
+    names = {r.name for r in todo}
+    rows = [r for r in rows if r["run"] not in names]
     for run_dir in [] if args.render_only else args.runs:
-        if (run_dir / "results.json").exists():
+        if run_dir in todo:
             rows += evaluate_run(run_dir, args.max_private, args.batch)
         else:
             print(f"skipping {run_dir}: no results.json (run not finished)")

@@ -111,3 +111,21 @@ def test_small_run_two_variants(tmp_path):
     assert sum(g["bytes"] for g in rows["quad+2quad"]["groups"].values()) > 0
     for suffix in ("_raw.json", ".json", ".md", ".png"):
         assert (tmp_path / f"benchmark{suffix}").exists()
+
+
+def test_accuracy_table_keeps_rows_of_other_runs(tmp_path, capsys):
+    """Evaluating run B must not drop run A's rows; an unfinished run is skipped, not erased."""
+    from experiments import accuracy
+
+    row = {"task": "rt", "model": "teacher", "approx": "gelu+softmax", "plain_acc": 0.8,
+           "n_test": 10, "private_acc": 0.75, "n_private": 4, "plain_acc_subset": 0.75,
+           "agreement": 1.0}
+    stored = [{**row, "run": "a"}, {**row, "run": "b"}]
+    (tmp_path / "accuracy.json").write_text(json.dumps(stored))
+    (tmp_path / "b").mkdir()  # no results.json: still training
+    rows = accuracy.main([str(tmp_path / "b"), "--out", str(tmp_path),
+                          "--benchmark", str(tmp_path / "none.json")])
+    assert [r["run"] for r in rows] == ["a", "b"]
+    assert "skipping" in capsys.readouterr().out
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| a (rt) | gelu+softmax | teacher |" in md and "0.7500 (n=4)" in md
