@@ -200,6 +200,17 @@ TARGETS = (
 )
 
 
+def _target_value(rows: list[dict], variant: str, field: str):
+    """(value of ``field`` for ``variant``, its row); "exact_over" is exact's bytes over its."""
+    row = next((r for r in rows if r["variant"] == variant), None)
+    if row is None:
+        return None, None
+    if field == "exact_over":
+        ratio = row.get("bytes_vs_exact")
+        return (1 / ratio if ratio else None), row
+    return row.get(field), row
+
+
 def check_targets(tables: list[dict]) -> list[dict]:
     """Each target with its measured value and whether it is met (None: not measured).
 
@@ -211,17 +222,8 @@ def check_targets(tables: list[dict]) -> list[dict]:
         rows = next((t["rows"] for t in tables
                      if (t["protocol"], t["shape"]) == (protocol, shape)), [])
 
-        def value_of(name):
-            row = next((r for r in rows if r["variant"] == name), None)
-            if row is None:
-                return None, row
-            if field == "exact_over":
-                ratio = row.get("bytes_vs_exact")
-                return (1 / ratio if ratio else None), row
-            return row.get(field), row
-
-        value, row = value_of(variant)
-        floor_value, _ = value_of(FLOOR)
+        value, row = _target_value(rows, variant, field)
+        floor_value, _ = _target_value(rows, FLOOR, field)
         met = None if value is None else (value <= bound if at_most else value >= bound)
         extrapolated = bool(row and row.get("extrapolated_from"))
         out.append({"target": desc, "value": value, "met": met, "extrapolated": extrapolated,
