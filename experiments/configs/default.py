@@ -3,6 +3,7 @@
 Command (no arguments means this config):
     python -m experiments.distill                   # same as --config default
     python -m experiments.distill --config default:smoke   # ~2 min pipeline check
+    python -m experiments.distill --config default:pairs   # all four approximation pairs
 
 Subsampled so it finishes on a laptop-class CPU: 1,600 of rt's 10,643 training snippets,
 400 dev snippets (checkpoint selection) and the full 965-snippet test split; max_length 64
@@ -31,12 +32,15 @@ teacher/ and student/ (``save_pretrained`` folders; ``spu_run --model runs/defau
 
 from __future__ import annotations
 
-from experiments.configs.common import LAYERWISE_WEIGHTS, STAGE1_LR, smoke
+import dataclasses
+
+from experiments.configs.common import ALL_PAIRS, LAYERWISE_WEIGHTS, STAGE1_LR, smoke
 from mpcformer_jax.train.config import DistillConfig, StageConfig
 
 
 def get_config(variant: str = "") -> DistillConfig:
-    """The default config; ``variant="smoke"`` gives the ~2-minute pipeline check."""
+    """The default config; ``variant="smoke"`` gives the ~2-minute pipeline check and
+    ``variant="pairs"`` the same run with all four approximation pairs (about 4x longer)."""
     cfg = DistillConfig(
         name="default", task="rt", max_train=1600, max_dev=400, max_test=0,
         model="minilm-l6", max_length=64, buckets=(32, 64),
@@ -48,6 +52,10 @@ def get_config(variant: str = "") -> DistillConfig:
         out_dir="runs/default")
     if variant == "smoke":
         return smoke(cfg)
+    if variant == "pairs":
+        return dataclasses.replace(cfg, name="default (all pairs)", approximations=ALL_PAIRS,
+                                   out_dir="runs/default_pairs")
     if variant:
-        raise ValueError(f"Unknown variant {variant!r} of config 'default'; available: smoke.")
+        raise ValueError(f"Unknown variant {variant!r} of config 'default'; available: smoke, "
+                         "pairs.")
     return cfg
