@@ -1,4 +1,4 @@
-"""The default run: MiniLM-L6 on rt, one quad+2quad student, sized for ~11 min on 2 free cores.
+"""The default run: MiniLM-L6 on rt, one quad+2quad student, about 11 min on 2 CPU cores.
 
 Command (no arguments means this config):
     python -m experiments.distill                   # same as --config default
@@ -7,24 +7,19 @@ Command (no arguments means this config):
 
 Subsampled so it finishes on a laptop-class CPU: 1,600 of rt's 10,643 training snippets,
 400 dev snippets (checkpoint selection) and the full 965-snippet test split; max_length 64
-(rt's 99th percentile is 55 tokens) with buckets 32 and 64. Stages: teacher 2 epochs
-(lr 1e-4), stage 1 2 epochs (lr 5e-4: the quad student starts far from its teacher; 5e-4
-lowered the stage-1 loss faster than 1e-4 in a probe), stage 2 1 epoch (lr 1e-4), baseline
-3 epochs (= stage 1 + stage 2 passes, lr 1e-4).
+(rt's 99th percentile is 55 tokens) with buckets 32 and 64. Stages (batch 32): teacher 2
+epochs (lr 1e-4), stage 1 4 epochs on the embedding and hidden-state terms (lr 1e-3; see
+common.py for the probes behind this), stage 2 1 epoch (lr 1e-4), baseline 5 epochs
+(= stage 1 + stage 2 passes, lr 1e-4).
 
-Expected output: the progress of each stage, then the test table. Measured (commit 4a5d2e8,
-24 min wall: the 2 cores were shared with other jobs, load average 12-18; the step counts were
-sized for about 11 min on two free cores):
+Expected output: the progress of each stage, then the test table. Measured (commit 8aec9f1
+recipe, 670 s wall on the 2-core machine):
 
     | model            | approx       | dev main | test accuracy | % of teacher |
     | teacher          | gelu+softmax | 0.7500   | 0.7948        | 100.0%       |
-    | student (KD)     | quad+2quad   | 0.5425   | 0.6000        | 75.5%        |
-    | baseline (no KD) | quad+2quad   | 0.6750   | 0.7295        | 91.8%        |
+    | student (KD)     | quad+2quad   | 0.7300   | 0.7896        | 99.3%        |
+    | baseline (no KD) | quad+2quad   | 0.7050   | 0.7244        | 91.1%        |
     exported quad+2quad student: runs/default/student
-
-At this budget (100 stage-1 and 50 stage-2 steps) the KD student has not recovered: its [CLS]
-state is still the same for every input (it predicts the majority class), while the baseline's
-150 label steps already give 92% of the teacher. The MPCFormer targets need far more steps.
 
 Outputs in runs/default/: config.json, metrics.jsonl, results.json, results.md, ckpt/,
 teacher/ and student/ (``save_pretrained`` folders; ``spu_run --model runs/default/student``).
