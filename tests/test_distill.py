@@ -87,7 +87,8 @@ def test_every_config_file_builds_validates_and_documents_its_command():
             check_config(cfg)
         assert distill.load_config(f"{name}:smoke").out_dir.endswith("_smoke")
     pairs = distill.load_config("default:pairs")
-    assert len(pairs.approximations) == 4 and pairs.out_dir != distill.load_config("default").out_dir
+    assert len(pairs.approximations) == 4
+    assert pairs.out_dir != distill.load_config("default").out_dir
     with pytest.raises(ValueError, match="available: smoke, pairs"):
         distill.load_config("default:nope")
 
