@@ -166,18 +166,22 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--benchmark", type=Path, default=Path("results/benchmark.json"))
     args = p.parse_args(argv)
+    runs = [] if args.render_only else args.runs
+    missing = [str(r) for r in runs if not r.is_dir()]
+    if missing:  # a typo, not an unfinished run: fail before any (hours-long) private work
+        p.error(f"no such run folder: {', '.join(missing)} (give folders written by "
+                "python -m experiments.distill, e.g. runs/default)")
+    finished = [r for r in runs if (r / "results.json").exists()]
+    for r in runs:
+        if r not in finished:
+            print(f"skipping {r}: no results.json (run not finished)")
     # Rows of earlier invocations are kept, except those of the runs evaluated now, so runs can
     # be added one at a time as their training finishes.
     stored = args.out / "accuracy.json"
     rows = json.loads(stored.read_text()) if stored.exists() else []
-    todo = [] if args.render_only else [r for r in args.runs if (r / "results.json").exists()]
-    names = {r.name for r in todo}
-    rows = [r for r in rows if r["run"] not in names]
-    for run_dir in [] if args.render_only else args.runs:
-        if run_dir in todo:
-            rows += evaluate_run(run_dir, args.max_private, args.batch)
-        else:
-            print(f"skipping {run_dir}: no results.json (run not finished)")
+    rows = [row for row in rows if row["run"] not in {r.name for r in finished}]
+    for run_dir in finished:
+        rows += evaluate_run(run_dir, args.max_private, args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "accuracy.json").write_text(json.dumps(rows, indent=1))
     md = markdown(rows, cost_ratios(args.benchmark))

@@ -129,3 +129,7 @@ def test_accuracy_table_keeps_rows_of_other_runs(tmp_path, capsys):
     assert "skipping" in capsys.readouterr().out
     md = (tmp_path / "accuracy.md").read_text()
     assert "| a (rt) | gelu+softmax | teacher |" in md and "0.7500 (n=4)" in md
+    with pytest.raises(SystemExit):  # a wrong path is an error, not an unfinished run
+        accuracy.main([str(tmp_path / "typo"), "--out", str(tmp_path)])
+    assert "no such run folder" in capsys.readouterr().err
+    assert json.loads((tmp_path / "accuracy.json").read_text()) == stored  # nothing lost

@@ -14,12 +14,13 @@ ALL_PAIRS = ("quad+2quad", "quad+2relu", "gelu+2quad", "quad+softmax")
 #   MPCFormer's equal weights, lr 5e-4, 100 steps ........................ 0.650
 #   hidden + embedding only (attention weight 0), lr 1e-3, 100 steps ....... 0.720
 #   the same, attention weight 0.01 ........................................ 0.720
+#   hidden + embedding only, lr 2e-3, 100 steps ............................ 0.543 (majority)
 #   hidden + embedding only, lr 1e-3, 200 steps ............................ 0.743
 #   no stage 1, stage 2 alone for 150 steps at 5e-4 ........................ 0.543 (majority)
-# Pre-softmax scores are ~10x larger numbers than LayerNorm'd hidden states, so with equal
-# weights their MSE (≈24 vs ≈2.7 at the start) takes the gradient, and under 2quad the same
-# scores do not even give the same attention weights as under softmax. The hidden states are
-# what the classifier reads. MPCFormer's weighting stays available: layerwise_weights=1,1,1.
+# With equal weights the pre-softmax scores' MSE (≈24 against ≈2.7 for the hidden states at
+# the start) takes the gradient, and under 2quad the same scores do not even give the same
+# attention weights as under softmax. The hidden states are what the classifier reads.
+# MPCFormer's weighting stays available: layerwise_weights=1,1,1.
 LAYERWISE_WEIGHTS = (1.0, 1.0, 0.0)
 STAGE1_LR = 1e-3
 

@@ -92,7 +92,7 @@ def build_rows(records: list[dict]) -> list[dict]:
     for r in records:
         row = dict(r)
         # Bytes the profile could not put in a group (ops logged under a name the cost
-        # parser does not read, e.g. SPU's erf): shown, not hidden.
+        # parser does not read; 0 since it reads custom calls): shown, not hidden.
         attributed = sum(g["bytes"] for g in r["groups"].values())
         row["groups"] = {**r["groups"], "unattributed": {
             "bytes": max(r["bytes"] - attributed, 0), "messages": 0, "wall_s": 0.0}}
