@@ -19,10 +19,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from mpcformer_jax.private.compile import compile_cached
 from mpcformer_jax.private.config import ClusterConfig, ConfigError, load_config
 from mpcformer_jax.private.cost import CostReport
-from mpcformer_jax.private.model import encode_client_inputs, make_private_forward, tokenize
+from mpcformer_jax.private.model import (
+    compile_for,
+    encode_client_inputs,
+    make_private_forward,
+    tokenize,
+)
 
 DEFAULT_CONFIGS = {"ABY3": "aby3_3pc", "SEMI2K": "semi2k_2pc", "CHEETAH": "cheetah_2pc"}
 
@@ -81,14 +85,6 @@ def prepare_batch(config, tokenizer, batch, max_length: int | None):
     raise TypeError("batch must be texts or {'input_ids': (B, L), 'attention_mask': (B, L)}")
 
 
-def compile_for(config, params, one_hot: np.ndarray, mask: np.ndarray,
-                cluster: ClusterConfig, attribution: str = "segments"):
-    """The cached compiled forward of ``config`` at this batch shape."""
-    fn = make_private_forward(config)
-    return compile_cached(config, fn, params, (one_hot, mask), cluster.compiler_options(),
-                          attribution)
-
-
 def run(model, batch, protocol: str | None = None, *, config=None, max_length: int | None = None,
         backend: str = "threads", attribution: str = "segments", compare: bool = True,
         timeout_s: float | None = None) -> PrivateResult:
@@ -102,7 +98,8 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
       config: a config name, path or ClusterConfig (overrides the ready config).
       max_length: padded length for texts (default: min(128, model positions)).
       backend: "threads" (all parties in this process; per-party link totals unavailable) or
-        "processes" (one process per node over brpc on loopback; exact per-party figures).
+        "processes" (a local service: one process per node, mutual-TLS channels and tunnels,
+        exact per-party figures; the model must be a folder).
       attribution: "segments" (exact per-group costs) or "ops" (one executable, grouped by
         pphlo op name).
       compare: also run the plaintext forward and report max |logit diff| and label agreement.
@@ -116,7 +113,8 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
     ids, mask = prepare_batch(model_config, tokenizer, batch, max_length)
     one_hot, mask_f = encode_client_inputs(model_config, ids, mask)
     start = time.perf_counter()
-    compiled = compile_for(model_config, params, one_hot, mask_f, cluster, attribution)
+    compiled = compile_for(model_config, params, *ids.shape, cluster.compiler_options(),
+                           attribution)
     compile_s = time.perf_counter() - start  # about 0 when the cache already held it
     owner = dict(zip(compiled.param_names,
                      (np.asarray(x) for x in jax.tree_util.tree_leaves(params)), strict=True))
@@ -128,9 +126,8 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
         logits, report = run_threads(compiled, cluster.runtime_config(), cluster.world_size,
                                      owner, client, timeout)
     elif backend == "processes":
-        from mpcformer_jax.private.launcher import run_local_nodes
-
-        logits, report = run_local_nodes(compiled, cluster, owner, client, timeout)
+        logits, report = _run_service(model, cluster, ids.shape, [one_hot, mask_f], timeout,
+                                      attribution)
     else:
         raise ValueError(f"backend must be 'threads' or 'processes', got {backend!r}")
     report.compile_s = compile_s
@@ -143,3 +140,34 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
         report.extra.update(max_abs_diff=result.max_abs_diff,
                             label_agreement=result.label_agreement)
     return result
+
+
+def _run_service(model, cluster: ClusterConfig, shape, arrays, timeout_s: float,
+                 attribution: str) -> tuple[np.ndarray, CostReport]:
+    """One query through a local service started for it (the ``processes`` backend)."""
+    import tempfile
+
+    from mpcformer_jax.private.roles.client import Client
+    from mpcformer_jax.private.service import Service
+
+    if not isinstance(model, str | os.PathLike):
+        raise TypeError("backend='processes' serves a model folder (the owner process loads "
+                        "it); save it with mpcformer_jax.save_pretrained first")
+    cluster = dataclasses.replace(cluster, timeout_s=timeout_s)
+    with tempfile.TemporaryDirectory(prefix="spu_run_") as state:
+        service = Service(cluster, model, state, [tuple(shape)], attribution=attribution)
+        try:
+            service.start()
+            with Client(state) as client:
+                bucket = f"{shape[0]}x{shape[1]}"
+                logits, profiles = client.run_query(bucket, arrays)
+                upload = client.upload
+        finally:
+            service.stop()
+    from mpcformer_jax.private.cost import report_from_profiles
+
+    report = report_from_profiles(cluster.protocol, cluster.world_size, [profiles])
+    report.input_bytes = {"owner": upload["bytes"], "client": profiles[0]["client_bytes"]}
+    report.notes.append("processes backend: a local service, one process per node, "
+                        "mutual-TLS channels")
+    return logits, report

@@ -8,14 +8,19 @@ A config file looks like (``spu_configs/aby3_3pc.json``)::
      "compiler": {"enable_optimize_denominator_with_broadcast": true},
      "link": {"connect_retry_times": 30, "connect_retry_interval_ms": 200,
               "recv_timeout_ms": 30000},
+     "service": {"max_queue": 16, "share_wait_s": 30},
      "timeout_s": 60}
 
-``link`` is the node's brpc address (node <-> node MPC traffic); ``io`` is where the node
-accepts secret shares from the model owner and the client and returns output shares to the
-client. Port 0 means "choose a free port at launch" (only ``spu_run`` with all roles on one
-machine can do that; separately started roles need fixed ports). ``runtime`` holds fields of
-SPU's ``RuntimeConfig`` protobuf and ``compiler`` fields of ``CompilerOptions``; both are
-checked against the installed SPU, so an unknown or misspelt field is an error naming it.
+A node's ``link`` is where it accepts the mutual-TLS tunnels of the other nodes (node <-> node
+MPC traffic; SPU's own brpc server listens on a private Unix socket, see tunnel.py); ``io`` is
+its gRPC service, where the model owner uploads weight shares and clients send queries, both
+over mutual TLS. Port 0 means "choose a free port at launch" (only ``spu_run`` with all roles
+on one machine can do that; separately started roles need fixed ports). ``service`` bounds a
+served model: ``max_queue`` queries waiting per node (more are refused as "queue full") and
+``share_wait_s``, how long a node waits for a query's shares to reach every node.
+``runtime`` holds fields of SPU's ``RuntimeConfig`` protobuf and ``compiler`` fields of
+``CompilerOptions``; both are checked against the installed SPU, so an unknown or misspelt
+field is an error naming it.
 ``timeout_s`` bounds every wait of every role (connect, share transfer, one batch).
 """
 
@@ -31,10 +36,15 @@ from typing import Any
 import spu.libspu as libspu
 
 PROTOCOL_PARTIES = {"ABY3": (3,), "SEMI2K": (2, 3, 4, 5), "CHEETAH": (2,), "REF2K": (1,)}
-_TOP_KEYS = {"protocol", "nodes", "runtime", "compiler", "link", "timeout_s", "description"}
+_TOP_KEYS = {"protocol", "nodes", "runtime", "compiler", "link", "service", "timeout_s",
+             "description"}
 _NODE_KEYS = {"id", "link", "io"}
-_LINK_KEYS = {"connect_retry_times", "connect_retry_interval_ms", "recv_timeout_ms",
-              "http_timeout_ms", "throttle_window_size", "brpc_channel_protocol"}
+# brpc knobs a config may set, with their types (SPU's pybind setters would raise on others).
+_LINK_KEYS = {"connect_retry_times": int, "connect_retry_interval_ms": int,
+              "recv_timeout_ms": int, "http_timeout_ms": int, "throttle_window_size": int,
+              "brpc_channel_protocol": str}
+_SERVICE_KEYS = {"max_queue": int, "share_wait_s": (int, float)}
+_SERVICE_DEFAULTS = {"max_queue": 16, "share_wait_s": 30.0}
 # Set by this package, not by a config: profiling is how the cost report is measured.
 _RESERVED_RUNTIME = {"protocol", "enable_pphlo_profile", "enable_hal_profile"}
 
@@ -75,6 +85,15 @@ class ClusterConfig:
     compiler: tuple[tuple[str, Any], ...] = ()
     link: tuple[tuple[str, Any], ...] = ()
     timeout_s: float = 60.0
+    service: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def max_queue(self) -> int:
+        return int(dict(self.service).get("max_queue", _SERVICE_DEFAULTS["max_queue"]))
+
+    @property
+    def share_wait_s(self) -> float:
+        return float(dict(self.service).get("share_wait_s", _SERVICE_DEFAULTS["share_wait_s"]))
 
     @property
     def world_size(self) -> int:
@@ -98,8 +117,13 @@ class ClusterConfig:
             setattr(copts, key, value)
         return copts
 
-    def link_desc(self, recv_timeout_ms: int | None = None) -> libspu.link.Desc:
-        """A brpc link description of the nodes, with this config's retry/timeout knobs."""
+    def link_desc(self, addresses=None, recv_timeout_ms: int | None = None
+                  ) -> libspu.link.Desc:
+        """A brpc link description of the nodes, with this config's retry/timeout knobs.
+
+        ``addresses`` (one per rank) replaces the nodes' link addresses: a node's own entry is
+        where its brpc listens, the others where it reaches them (tunnel.py's Unix sockets).
+        """
         desc = libspu.link.Desc()
         desc.connect_retry_times = 30
         desc.connect_retry_interval_ms = 200
@@ -108,8 +132,9 @@ class ClusterConfig:
             setattr(desc, key, value)
         if recv_timeout_ms is not None:
             desc.recv_timeout_ms = recv_timeout_ms
-        for node in self.nodes:
-            desc.add_party(node.id, node.link_addr)
+        for node, addr in zip(self.nodes, addresses or [n.link_addr for n in self.nodes],
+                              strict=True):
+            desc.add_party(node.id, addr)
         return desc
 
     def with_nodes(self, nodes) -> ClusterConfig:
@@ -122,7 +147,8 @@ class ClusterConfig:
                 "nodes": [{"id": n.id, "link": f"{n.link[0]}:{n.link[1]}",
                            "io": f"{n.io[0]}:{n.io[1]}"} for n in self.nodes],
                 "runtime": dict(self.runtime), "compiler": dict(self.compiler),
-                "link": dict(self.link), "timeout_s": self.timeout_s}
+                "link": dict(self.link), "service": dict(self.service),
+                "timeout_s": self.timeout_s}
 
 
 def runtime_from_dict(protocol: str, runtime: dict[str, Any]) -> libspu.RuntimeConfig:
@@ -178,6 +204,16 @@ def _check_keys(section: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"unknown field(s) {unknown} in {where}; allowed: {sorted(allowed)}")
 
 
+def _check_typed(section: dict, types: dict[str, Any], where: str) -> None:
+    _check_keys(section, set(types), where)
+    for key, value in section.items():
+        if isinstance(value, bool) or not isinstance(value, types[key]):
+            want = getattr(types[key], "__name__", "number")
+            raise ConfigError(f"{where}.{key} must be a {want}, got {value!r}")
+        if isinstance(value, int | float) and value < 0:
+            raise ConfigError(f"{where}.{key} must not be negative, got {value!r}")
+
+
 def parse_config(data: dict[str, Any], source: str = "config") -> ClusterConfig:
     """Validates a config dict and returns a ClusterConfig; errors raise ConfigError."""
     _check_keys(data, _TOP_KEYS, source)
@@ -219,13 +255,17 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ClusterConfig:
         if not isinstance(value, bool | str):
             raise ConfigError(f"{source}: compiler.{key} must be a boolean, got {value!r}")
     link = data.get("link", {})
-    _check_keys(link, _LINK_KEYS, f"{source}: link")
+    _check_typed(link, _LINK_KEYS, f"{source}: link")
+    service = data.get("service", {})
+    _check_typed(service, _SERVICE_KEYS, f"{source}: service")
+    if service.get("max_queue", 1) < 1 or service.get("share_wait_s", 1) <= 0:
+        raise ConfigError(f"{source}: service.max_queue must be >= 1 and share_wait_s > 0")
     timeout_s = data.get("timeout_s", 60.0)
     if not isinstance(timeout_s, int | float) or timeout_s <= 0:
         raise ConfigError(f"{source}: timeout_s must be a positive number, got {timeout_s!r}")
     return ClusterConfig(protocol, tuple(nodes), tuple(sorted(runtime.items())),
                          tuple(sorted(compiler.items())), tuple(sorted(link.items())),
-                         float(timeout_s))
+                         float(timeout_s), tuple(sorted(service.items())))
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "spu_configs"

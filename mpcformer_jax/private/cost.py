@@ -169,3 +169,28 @@ def fill_report(report: CostReport, by_exe: dict[str, dict[str, Traffic]],
             groups[seg_group or OP_GROUPS.get(op, "other")].add(t)
             report.total.add(t)
     report.groups = groups
+
+
+def report_from_profiles(protocol: str, world_size: int, queries: list[list[dict]]
+                         ) -> CostReport:
+    """A CostReport over queries, each a list of the nodes' profiles (runtime.profile_of):
+    per-rank link totals are exact, since every node logs to its own file."""
+    report = CostReport(protocol, world_size)
+    report.per_party = [PartyTraffic() for _ in range(world_size)]
+    by_exe: dict[str, dict[str, Traffic]] = {}
+    for profiles in queries:
+        report.wall_s += max(p["wall_s"] for p in profiles)
+        for rank, prof in enumerate(profiles):
+            party = report.per_party[rank]
+            sb, rb, sm, rm = prof["link"]
+            party.send_bytes += sb
+            party.recv_bytes += rb
+            party.send_messages += sm
+            party.recv_messages += rm
+            for exe, ops in prof["by_exe"].items():
+                for op, (b, m, t) in ops.items():
+                    by_exe.setdefault(exe, {}).setdefault(op, Traffic()).add(Traffic(b, m, t))
+    fill_report(report, by_exe, world_size)
+    report.total = Traffic(sum(p.send_bytes for p in report.per_party),
+                           sum(p.send_messages for p in report.per_party), report.total.time_s)
+    return report

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mpcformer_jax.models import BertConfig, forward
+from mpcformer_jax.private.compile import compile_cached
 
 
 def make_private_forward(config: BertConfig):
@@ -57,3 +58,18 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarr
                     return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
+
+
+def compile_for(config: BertConfig, params, batch_size: int, length: int, copts,
+                attribution: str = "segments"):
+    """The forward of ``config`` compiled for SPU at one (batch, length) bucket (cached).
+
+    Only shapes are used: the owner compiles without any client data, and a client can
+    compile the same program from the public card (params as shape structs).
+    """
+    import jax
+
+    one_hot = jax.ShapeDtypeStruct((batch_size, length, config.vocab_size), np.float32)
+    mask = jax.ShapeDtypeStruct((batch_size, length), np.float32)
+    return compile_cached(config, make_private_forward(config), params, (one_hot, mask), copts,
+                          attribution)

@@ -6,6 +6,8 @@ Node processes load these from the owner's message and never import jax.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any
 
 import spu.libspu as libspu
@@ -67,3 +69,16 @@ class CompiledForward:
         return cls(segs, tuple(meta["param_names"]), tuple(meta["input_names"]),
                    tuple(tuple(s) for s in meta["input_shapes"]), meta["output_name"],
                    tuple(meta["output_shape"]), meta["compile_s"], meta["attribution"])
+
+
+def program_digest(program: CompiledForward) -> str:
+    """SHA-256 of everything a node runs: each segment's executable and wiring, the variable
+    names and shapes. Compilation is deterministic (same SPU, jax and card give the same
+    bytes), so a client can recompile from the public card and compare (``Client.verify``)."""
+    h = hashlib.sha256()
+    meta, blobs = program.to_wire()
+    meta.pop("compile_s")
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for blob in blobs:
+        h.update(hashlib.sha256(blob).digest())
+    return h.hexdigest()

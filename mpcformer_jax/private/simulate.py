@@ -9,7 +9,6 @@ in-process; ``run(..., backend="processes")`` (one process per node) gives them.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -21,39 +20,9 @@ import spu.libspu as libspu
 
 from mpcformer_jax.private.cost import CostReport, PartyTraffic, fill_report, parse_profile
 from mpcformer_jax.private.program import CompiledForward
+from mpcformer_jax.private.runtime import make_shares, run_segments, setup_spu_log, share_bytes
 
 _LOG_LOCK = threading.Lock()  # SPU's logger is process-wide: one profiled run at a time
-
-
-def setup_spu_log(path: str | os.PathLike) -> None:
-    """Routes SPU's log (profiles included) to ``path`` instead of the console."""
-    opts = libspu.logging.LogOptions()
-    opts.enable_console_logger = False
-    opts.system_log_path = str(path)
-    libspu.logging.setup_logging(opts)
-
-
-def share_bytes(shares) -> int:
-    """Bytes of one party's share list (what crosses the wire to that party)."""
-    return sum(len(c) for s in shares for c in s.share_chunks) + sum(len(s.meta) for s in shares)
-
-
-def make_shares(io: spu.Io, arrays: dict[str, np.ndarray]) -> dict[str, list]:
-    """Secret-shares each named array: ``{name: [share for rank 0, rank 1, ...]}``."""
-    return {name: io.make_shares(np.asarray(a), libspu.Visibility.VIS_SECRET)
-            for name, a in arrays.items()}
-
-
-def run_segments(rt: spu.Runtime, compiled: CompiledForward, executables,
-                 barrier: threading.Barrier | None = None) -> None:
-    """Runs every segment on one party's runtime, freeing intermediates as it goes."""
-    for seg, exe in zip(compiled.segments, executables, strict=True):
-        rt.run(exe)
-        for name in seg.drop_after:
-            rt.del_var(name)
-        if barrier is not None:
-            # Keeps each segment's profile lines apart from the next segment's in the log.
-            barrier.wait()
 
 
 def run_threads(compiled: CompiledForward, rt_config: libspu.RuntimeConfig, world_size: int,

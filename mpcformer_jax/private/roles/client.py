@@ -1,0 +1,309 @@
+"""The client: the only role that reads the text, and the only one that sees the logits.
+
+    from mpcformer_jax.private import Client
+    client = Client("serve_state/")              # reads endpoint.json, the card, our cert
+    result = client.classify(["a gripping film", "dull"])
+    result.predictions[0].label, result.cost.format()
+
+It tokenizes and one-hot encodes locally, picks the smallest served (batch, length) bucket
+that fits, secret-shares the inputs and sends each node its share over mutual TLS, then
+reconstructs the logits from the nodes' output shares. A text longer than the largest
+bucket is truncated, and its prediction says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from mpcformer_jax.private import transport
+from mpcformer_jax.private.config import ClusterConfig, parse_config
+from mpcformer_jax.private.cost import CostReport, report_from_profiles
+from mpcformer_jax.private.tls import Identity, identity
+
+ENDPOINT = "endpoint.json"
+
+
+class QueryError(RuntimeError):
+    """A query was refused or failed; ``code`` is the gRPC status name (e.g.
+    RESOURCE_EXHAUSTED for a full queue, FAILED_PRECONDITION for a changed model)."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One text's answer."""
+
+    text: str
+    logits: list[float]
+    label: str | None
+    probabilities: dict[str, float] | None
+    tokens: int
+    truncated: bool
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class QueryResult:
+    """Predictions of a call to ``classify``, its buckets, and what it cost."""
+
+    predictions: list[Prediction]
+    buckets: list[str]
+    cost: CostReport
+    wall_s: float
+
+    def to_dict(self) -> dict:
+        return {"results": [p.to_dict() for p in self.predictions], "buckets": self.buckets,
+                "wall_s": self.wall_s, "cost": self.cost.to_dict()}
+
+
+def read_endpoint(state_dir: str | Path) -> dict:
+    """The service's endpoint.json; a missing one says how to start the service."""
+    path = Path(state_dir) / ENDPOINT
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QueryError(f"no service at {state_dir}: {path} does not exist; start one with "
+                         f"`spu_run serve --state-dir {state_dir} ...`", "UNAVAILABLE") from None
+    except json.JSONDecodeError as err:
+        raise QueryError(f"{path} is not valid JSON ({err})", "UNAVAILABLE") from None
+
+
+class Client:
+    """A client of a served model.
+
+    Args:
+      state_dir: the service's state folder (endpoint.json, card/, certs/).
+      name: this client's certificate name in the certs folder.
+      certs: the certs folder (default: the one endpoint.json names).
+      timeout_s: bound on one query, queueing included (default: the cluster's timeout_s).
+      retries: how often a query is sent again after the service restarted its nodes.
+    """
+
+    def __init__(self, state_dir: str | Path, name: str = "client", certs: str | None = None,
+                 timeout_s: float | None = None, retries: int = 2):
+        import spu
+
+        from mpcformer_jax.private.card import load_card
+
+        self.state_dir = Path(state_dir)
+        self.endpoint = read_endpoint(self.state_dir)
+        self.cluster: ClusterConfig = parse_config(self.endpoint["cluster"], "endpoint.json")
+        self.ident: Identity = identity(certs or self.endpoint["certs"], name)
+        card = self.state_dir / self.endpoint["card"]
+        self.config, self.tokenizer, self.labels = load_card(card)
+        if self.tokenizer is None:
+            raise QueryError(f"the model card {card} has no tokenizer: cannot classify text")
+        self.buckets = sorted(((int(b), int(n)) for b, n in
+                               (k.split("x") for k in self.endpoint["buckets"])),
+                              key=lambda bl: (bl[0] * bl[1], bl))
+        self.max_batch = max(b for b, _ in self.buckets)
+        self.max_length = max(n for _, n in self.buckets)
+        self.timeout_s = timeout_s or self.cluster.timeout_s
+        self.retries = retries
+        self.io = spu.Io(self.cluster.world_size, self.cluster.runtime_config())
+        self._channels: list[grpc.Channel] = []
+        self._lock = threading.Lock()
+
+    @property
+    def upload(self) -> dict:
+        """The owner's weight upload (bytes per node, seconds), reported once per start."""
+        return self.endpoint.get("upload", {})
+
+    def _nodes(self) -> list[grpc.Channel]:
+        with self._lock:
+            if not self._channels:
+                self._channels = [transport.channel(n["io"], n["id"], self.ident)
+                                  for n in self.endpoint["nodes"]]
+            return self._channels
+
+    def close(self) -> None:
+        with self._lock:
+            for ch in self._channels:
+                ch.close()
+            self._channels = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ text -> buckets
+
+    def pick_bucket(self, batch: int, length: int) -> tuple[int, int]:
+        """The cheapest served bucket holding ``batch`` texts of ``length`` tokens (length
+        capped at the largest served length: longer texts are truncated)."""
+        length = min(length, self.max_length)
+        for b, n in self.buckets:
+            if b >= batch and n >= length:
+                return b, n
+        raise QueryError(f"no bucket holds {batch} texts of {length} tokens; served: "
+                         f"{self.endpoint['buckets']}")
+
+    def classify(self, texts: list[str] | str) -> QueryResult:
+        """Classifies texts privately, in as few queries as the buckets allow.
+
+        Raises:
+          ValueError: an empty text.
+          QueryError: the service refused or failed a query (its message says why).
+        """
+        from mpcformer_jax.private.model import encode_client_inputs, tokenize
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("no text to classify")
+        empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if empty:
+            raise ValueError(f"text {empty[0]} is empty: there is nothing to classify")
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        start = time.perf_counter()
+        predictions, buckets, profiles = [], [], []
+        for i in range(0, len(texts), self.max_batch):
+            chunk, lens = texts[i:i + self.max_batch], lengths[i:i + self.max_batch]
+            b, n = self.pick_bucket(len(chunk), max(lens))
+            ids, mask = tokenize(self.tokenizer, chunk + [""] * (b - len(chunk)), n)
+            one_hot, mask_f = encode_client_inputs(self.config, ids, mask)
+            logits, node_profiles = self.run_query(f"{b}x{n}", [one_hot, mask_f])
+            profiles.append(node_profiles)
+            buckets.append(f"{b}x{n}")
+            predictions += [self._prediction(t, lg, k, k > n)
+                            for t, lg, k in zip(chunk, logits[:len(chunk)], lens, strict=True)]
+        cost = report_from_profiles(self.cluster.protocol, self.cluster.world_size, profiles)
+        cost.input_bytes = {"client": sum(q[0].get("client_bytes", 0) for q in profiles)}
+        return QueryResult(predictions, buckets, cost, time.perf_counter() - start)
+
+    def _prediction(self, text: str, logits: np.ndarray, tokens: int, truncated: bool):
+        row = [float(x) for x in logits]
+        if len(row) == 1:  # a regression head: a score, not a distribution
+            return Prediction(text, row, None, None, tokens, truncated)
+        z = np.exp(np.asarray(row) - max(row))
+        probs = z / z.sum()
+        names = self.labels or [str(k) for k in range(len(row))]
+        return Prediction(text, row, names[int(probs.argmax())],
+                          {n: round(float(p), 4) for n, p in zip(names, probs, strict=True)},
+                          tokens, truncated)
+
+    # ------------------------------------------------------------------ one query
+
+    def run_query(self, bucket: str, arrays: list[np.ndarray]) -> tuple[np.ndarray, list[dict]]:
+        """Sends one bucket-shaped input to every node; returns (logits, node profiles).
+
+        A query the service lost because it restarted its nodes is sent again, with fresh
+        shares, up to ``retries`` times; other refusals raise QueryError at once.
+        """
+        for attempt in range(self.retries + 1):
+            try:
+                return self._query_once(bucket, arrays)
+            except QueryError as err:
+                if err.code != "UNAVAILABLE" or attempt == self.retries:
+                    raise
+                time.sleep(1.0 + attempt)
+                self._refresh()
+        raise AssertionError("unreachable")
+
+    def _refresh(self) -> None:
+        """Re-reads endpoint.json after a restart (addresses stay; the model may change)."""
+        self.close()
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                endpoint = read_endpoint(self.state_dir)
+                if endpoint.get("ready"):
+                    self.endpoint = endpoint
+                    return
+            except QueryError:
+                pass
+            time.sleep(0.5)
+
+    def _query_once(self, bucket: str, arrays: list[np.ndarray]):
+        from mpcformer_jax.private.runtime import make_shares, share_bytes, shares_to_blobs
+
+        names = ("x:0", "x:1")
+        shares = make_shares(self.io, dict(zip(names, arrays, strict=True)))
+        qid = secrets.token_hex(16)
+        calls = []
+        for rank, ch in enumerate(self._nodes()):
+            own = [shares[n][rank] for n in names]
+            counts, blobs = shares_to_blobs(own)
+            stream = transport.stream_frames({"query_id": qid, "bucket": bucket,
+                                              "fingerprint": self.endpoint["fingerprint"],
+                                              "counts": counts}, blobs)
+            calls.append((share_bytes(own), transport.stream_unary(ch, "Query").future(
+                stream, timeout=self.timeout_s)))
+        del shares
+        outs, profiles, failure = [], [], None
+        for rank, (sent, call) in enumerate(calls):
+            node = self.endpoint["nodes"][rank]["id"]
+            try:
+                header, blobs = transport.unpack(call.result())
+            except grpc.RpcError as err:
+                failure = failure or QueryError(f"node {node}: {transport.error_text(err)}",
+                                                err.code().name)
+                continue
+            except transport.FrameError as err:
+                failure = failure or QueryError(f"node {node} sent a bad answer: {err}")
+                continue
+            if header.get("query_id") != qid:
+                failure = failure or QueryError(f"node {node} answered another query")
+                continue
+            from mpcformer_jax.private.runtime import blobs_to_shares
+
+            outs += blobs_to_shares(header["counts"], blobs)
+            profiles.append({**header["profile"], "client_bytes": sent})
+        if failure is not None:
+            for _, call in calls:
+                call.cancel()
+            raise failure
+        profiles[0]["client_bytes"] = sum(p["client_bytes"] for p in profiles)
+        return np.asarray(self.io.reconstruct(outs)), profiles
+
+    # ------------------------------------------------------------------ what runs
+
+    def info(self) -> list[dict]:
+        """Each node's own account: readiness, model fingerprint, program digests."""
+        out = []
+        for node, ch in zip(self.endpoint["nodes"], self._nodes(), strict=True):
+            try:
+                header, _ = transport.unpack(transport.unary(ch, "Info")(b"{}", timeout=10))
+            except grpc.RpcError as err:
+                raise QueryError(f"node {node['id']}: {transport.error_text(err)}",
+                                 err.code().name) from None
+            out.append(header)
+        return out
+
+    def verify(self) -> dict[str, str]:
+        """Recompiles every served bucket from the public card and checks that each node runs
+        exactly that program (SPU compilation is deterministic). Returns bucket -> digest.
+
+        Raises:
+          QueryError: a node runs a program other than the card's, or serves other buckets.
+        """
+        import jax
+
+        from mpcformer_jax.models import init_params
+        from mpcformer_jax.private.model import compile_for
+        from mpcformer_jax.private.program import program_digest
+
+        params = jax.eval_shape(lambda: init_params(self.config, 0))
+        copts = self.cluster.compiler_options()
+        mine = {f"{b}x{n}": program_digest(compile_for(self.config, params, b, n, copts))
+                for b, n in self.buckets}
+        for node in self.info():
+            if node.get("program_digests") != mine:
+                raise QueryError(f"node {node.get('node')} runs a program that does not match "
+                                 "the one compiled from the public card: do not send it text",
+                                 "FAILED_PRECONDITION")
+        return mine

@@ -1,0 +1,318 @@
+"""``spu_run serve``: a long-lived private classifier.
+
+The service process is the model owner. It checks everything knowable first (config, model
+folder, buckets, certificates, ports, memory: about a second), then starts the compute nodes
+as local processes (or, with ``remote_nodes``, reaches nodes started on other hosts with
+``spu_run node``), compiles every bucket once, shares the weights once, and writes
+``<state>/endpoint.json`` (addresses, model fingerprint, buckets, program digests, where the
+public card and the certificates are) before printing one ``ready`` line. Clients then query
+the nodes directly (roles/client.py); the service only watches.
+
+If a local node dies, the service stops the others, starts fresh nodes on the same addresses
+and re-shares the weights (with fresh randomness); queries in flight fail with UNAVAILABLE and
+the client sends them again. SIGTERM or SIGINT stops everything: nodes, their private folders,
+endpoint.json. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mpcformer_jax.private import launcher
+from mpcformer_jax.private.card import export_card
+from mpcformer_jax.private.config import ClusterConfig, ConfigError
+from mpcformer_jax.private.roles.client import ENDPOINT
+from mpcformer_jax.private.roles.owner import Owner, OwnerError, bucket_name, parse_buckets
+from mpcformer_jax.private.tls import CertError, identity, make_certs
+
+DEFAULT_BUCKETS = "1x16,1x32,8x32,8x64"
+_MAX_RESTARTS = 3  # within _RESTART_WINDOW_S; more means something is wrong beyond a crash
+_RESTART_WINDOW_S = 600.0
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start or go on; one line says why and what to do."""
+
+
+def log(msg: str) -> None:
+    print(f"spu_run serve: {msg}", file=sys.stderr, flush=True)
+
+
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def estimate_memory(model_config, n_params: int, cluster: ClusterConfig, buckets,
+                    local_nodes: bool) -> dict[str, int]:
+    """Bytes the nodes will hold: weight shares, plus the queued and running queries' one-hot
+    shares and SPU's working copies of the largest bucket (measured: about 3x its input).
+
+    A rough upper bound, to refuse a start that cannot fit instead of dying in ``bad_alloc``.
+    """
+    per_elem = {"ABY3": 16, "SEMI2K": 8, "CHEETAH": 8, "REF2K": 8}.get(cluster.protocol, 16)
+    largest = max(b * n * (model_config.vocab_size + 1) for b, n in buckets)
+    per_node = n_params * per_elem + (cluster.max_queue + 3) * largest * per_elem
+    nodes = cluster.world_size if local_nodes else 1
+    return {"per_node": per_node, "total": per_node * nodes, "available": _mem_available()}
+
+
+def preflight(cluster: ClusterConfig, model_dir: str | Path, buckets, local_nodes: bool
+              ) -> tuple[object, list[tuple[int, int]]]:
+    """Checks what can be checked before any role starts; returns (model config, buckets).
+
+    Raises:
+      ServiceError: a missing or unreadable model, a bucket longer than the model, a port in
+        use, or an estimate above this machine's available memory.
+    """
+    from mpcformer_jax.models import BertConfig, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(model_dir)
+        hf = json.loads((folder / "config.json").read_text())
+        config = BertConfig.from_hf_config(hf)
+    except FileNotFoundError as err:
+        raise ServiceError(f"model {str(model_dir)!r}: {err}") from None
+    except (OSError, json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ServiceError(f"model {str(model_dir)!r}: cannot read its config.json ({err}); "
+                           "pass a folder written by save_pretrained") from None
+    if not any((folder / f).exists() for f in ("model.safetensors", "flax_model.msgpack")):
+        raise ServiceError(f"model {folder} has no model.safetensors: pass a folder written by "
+                           "save_pretrained (an exported student)")
+    try:
+        buckets = parse_buckets(buckets)
+    except OwnerError as err:
+        raise ServiceError(str(err)) from None
+    too_long = [b for b in buckets if b[1] > config.max_length]
+    if too_long:
+        raise ServiceError(f"bucket {bucket_name(*too_long[0])} is longer than the model's "
+                           f"{config.max_length} positions; lower its length")
+    if local_nodes:
+        for node in cluster.nodes:
+            for what, (host, port) in (("io", node.io), ("link", node.link)):
+                if port:
+                    try:
+                        launcher.check_port_free(host, port, f"node {node.id} {what}")
+                    except OSError as err:
+                        raise ServiceError(str(err)) from None
+    n_params = _count_params(config)
+    mem = estimate_memory(config, n_params, cluster, buckets, local_nodes)
+    if mem["total"] > mem["available"]:
+        raise ServiceError(
+            f"the nodes would need about {mem['total'] / 2**30:.1f} GiB (weights shares and "
+            f"up to {cluster.max_queue} queued queries of the largest bucket "
+            f"{bucket_name(*buckets[-1])}), but {mem['available'] / 2**30:.1f} GiB are "
+            "available; use smaller buckets or a smaller service.max_queue in the config")
+    return config, buckets
+
+
+def _count_params(config) -> int:
+    import jax
+
+    from mpcformer_jax.models import init_params
+
+    shapes = jax.eval_shape(lambda: init_params(config, 0))
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes))
+
+
+@dataclasses.dataclass
+class _LocalNodes:
+    procs: list
+    dirs: list[Path]
+
+
+class Service:
+    """A served model. ``start()``, then ``wait()`` until a signal, then ``stop()``.
+
+    Args:
+      cluster: the cluster config (ports 0 are chosen now and kept across restarts).
+      model_dir: the exported student (read by this process only).
+      state_dir: where endpoint.json, the card and (if made here) the certificates go.
+      buckets: "BxL,..." or a list of (batch, length).
+      certs: a certificates folder (``spu_run certs``); default ``<state>/certs``, made if
+        absent.
+      remote_nodes: the nodes run elsewhere (``spu_run node``); only upload to them.
+    """
+
+    def __init__(self, cluster: ClusterConfig, model_dir: str | Path, state_dir: str | Path,
+                 buckets=DEFAULT_BUCKETS, certs: str | Path | None = None,
+                 remote_nodes: bool = False, attribution: str = "segments"):
+        self.remote = remote_nodes
+        if remote_nodes and cluster.needs_ports:
+            raise ConfigError("nodes on other hosts need fixed ports in the config (port 0 "
+                              "is chosen at launch, which only works when serve starts them)")
+        self.cluster = cluster if remote_nodes else launcher.resolve_ports(cluster)
+        self.model_dir, self.state = str(model_dir), Path(state_dir)
+        self.config, self.buckets = preflight(self.cluster, model_dir, buckets,
+                                              not remote_nodes)
+        self.certs = Path(certs) if certs else self.state / "certs"
+        self.attribution = attribution
+        self.owner: Owner | None = None
+        self.nodes: _LocalNodes | None = None
+        self.generation = 0
+        self.restarts: list[float] = []
+        self.upload = None
+        self._stop = False
+
+    # ------------------------------------------------------------------ start
+
+    def _credentials(self):
+        if not (self.certs / "ca.pem").exists():
+            if self.remote:
+                raise CertError(f"no certificates in {self.certs}; make them with `spu_run certs"
+                                f" --out {self.certs} --config CONFIG` and copy each host its own")
+            make_certs(self.certs, [n.id for n in self.cluster.nodes])
+            log(f"made a CA and certificates in {self.certs}")
+        for node in self.cluster.nodes:
+            identity(self.certs, node.id) if not self.remote else None
+        return identity(self.certs, "owner")
+
+    def start(self) -> None:
+        """Starts the nodes, compiles, shares the weights, writes endpoint.json."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / ENDPOINT).unlink(missing_ok=True)
+        ident = self._credentials()
+        salt_file = self.state / "owner.salt"
+        if not salt_file.exists():
+            fd = os.open(salt_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(16))
+        export_card(self.model_dir, self.state / "card")
+        if not self.remote:
+            self._start_nodes()
+        t0 = time.perf_counter()
+        self.owner = Owner(self.model_dir, self.cluster, self.buckets, ident, self.attribution,
+                           salt_file.read_bytes())
+        log(f"compiled {len(self.buckets)} bucket(s) in {time.perf_counter() - t0:.1f} s")
+        self._upload()
+
+    def _start_nodes(self) -> None:
+        dirs = [Path(tempfile.mkdtemp(prefix="spu_")) for _ in self.cluster.nodes]
+        procs = []
+        for rank, node in enumerate(self.cluster.nodes):
+            procs.append(launcher.start_role(
+                node.id, "mpcformer_jax.private.roles.node:node_main",
+                {"cluster": self.cluster, "rank": rank,
+                 "ident": identity(self.certs, node.id), "workdir": str(dirs[rank])}))
+        self.nodes = _LocalNodes(procs, dirs)
+
+    def _stop_nodes(self) -> None:
+        if self.nodes is None:
+            return
+        launcher.stop_all(self.nodes.procs, grace_s=3.0)
+        for d in self.nodes.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.nodes = None
+
+    def _upload(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.upload = self.owner.upload(self.cluster.timeout_s)
+        except OwnerError as err:
+            dead = self._dead_node()
+            raise ServiceError(dead or str(err)) from None
+        self.generation += 1
+        log(f"shared the weights: {sum(self.upload.bytes_per_node) / 2**20:.1f} MiB to "
+            f"{self.cluster.world_size} nodes in {time.perf_counter() - t0:.1f} s")
+        self._write_endpoint()
+
+    def _write_endpoint(self) -> None:
+        endpoint = {
+            "ready": True, "generation": self.generation, "pid": os.getpid(),
+            "protocol": self.cluster.protocol, "cluster": self.cluster.to_dict(),
+            "nodes": [{"id": n.id, "io": f"{n.io[0]}:{n.io[1]}"} for n in self.cluster.nodes],
+            "fingerprint": self.owner.fingerprint,
+            "buckets": [bucket_name(b, n) for b, n in self.buckets],
+            "attribution": self.attribution,
+            "program_digests": self.owner.digests, "card": "card",
+            "certs": str(self.certs.resolve()),
+            "upload": {**self.upload.to_dict(), "compile_s": self.owner.compile_s},
+        }
+        tmp = self.state / f".{ENDPOINT}.tmp"
+        tmp.write_text(json.dumps(endpoint, indent=2))
+        tmp.replace(self.state / ENDPOINT)
+
+    # ------------------------------------------------------------------ watch and stop
+
+    def _dead_node(self) -> str | None:
+        if self.nodes is None:
+            return None
+        for p in self.nodes.procs:
+            if not p.is_alive():
+                p.join()
+                return f"node {p.name} {launcher.describe(p.exitcode)}"
+        return None
+
+    def wait(self, poll_s: float = 0.2) -> None:
+        """Watches the nodes until ``request_stop``; restarts them if one dies."""
+        while not self._stop:
+            time.sleep(poll_s)
+            if self.remote or self._stop:
+                continue
+            dead = self._dead_node()
+            if dead is None:
+                continue
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW_S] + [now]
+            if len(self.restarts) > _MAX_RESTARTS:
+                raise ServiceError(f"{dead}; it is the {len(self.restarts)}th failure in "
+                                   f"{_RESTART_WINDOW_S / 60:.0f} minutes: stopping (see the "
+                                   "nodes' errors above)")
+            log(f"{dead}; restarting the nodes and re-sharing the weights")
+            self._rewrite_not_ready()
+            self._stop_nodes()
+            self._start_nodes()
+            self._upload()
+            log(f"ready again (generation {self.generation})")
+
+    def _rewrite_not_ready(self) -> None:
+        path = self.state / ENDPOINT
+        try:
+            endpoint = json.loads(path.read_text())
+            endpoint["ready"] = False
+            tmp = self.state / f".{ENDPOINT}.tmp"
+            tmp.write_text(json.dumps(endpoint, indent=2))
+            tmp.replace(path)
+        except (OSError, json.JSONDecodeError):
+            pass
+
+    def request_stop(self, *_args) -> None:
+        self._stop = True
+
+    def stop(self) -> None:
+        """Stops the nodes (asks remote ones), removes their folders and endpoint.json."""
+        (self.state / ENDPOINT).unlink(missing_ok=True)
+        (self.state / f".{ENDPOINT}.tmp").unlink(missing_ok=True)
+        if self.remote and self.owner is not None:
+            self.owner.shutdown_nodes()
+        self._stop_nodes()
+
+
+def serve(cluster: ClusterConfig, model_dir: str, state_dir: str, buckets: str,
+          certs: str | None = None, remote_nodes: bool = False,
+          attribution: str = "segments") -> None:
+    """``spu_run serve``: start, print ``ready``, serve until SIGTERM/SIGINT, clean up."""
+    service = Service(cluster, model_dir, state_dir, buckets, certs, remote_nodes, attribution)
+    signal.signal(signal.SIGTERM, service.request_stop)
+    signal.signal(signal.SIGINT, service.request_stop)
+    try:
+        service.start()
+        print(f"ready {Path(state_dir) / ENDPOINT}", flush=True)
+        service.wait()
+    finally:
+        service.stop()
+        log("stopped")
