@@ -45,3 +45,32 @@ def tiny_hf_bert(tmp_path_factory):
     # The PyTorch class nests the encoder under "bert."; our writer mirrors the Flax tree,
     # which already does.
     return folder, model
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory):
+    """An exported tiny quad/2quad student with a word-level tokenizer (100 tokens)."""
+    from transformers import BertTokenizerFast
+
+    from mpcformer_jax.models import BertConfig, init_params, save_pretrained
+
+    root = tmp_path_factory.mktemp("student")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
+        "a the film movie good bad great awful plot acting is was and but not very dull "
+        "gripping fun boring").split()
+    words += [f"w{i}" for i in range(100 - len(words))]
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    config = BertConfig.tiny(hidden_act="quad", softmax_act="2quad", vocab_size=100)
+    return save_pretrained(root / "model", config, init_params(config, 1), tokenizer)
+
+
+def plaintext_logits(model_dir, texts, length):
+    """The plaintext forward on exactly what a client shares at ``length`` tokens."""
+    from mpcformer_jax.models import load_pretrained
+    from mpcformer_jax.private.model import encode_client_inputs, make_private_forward, tokenize
+
+    config, params, tokenizer = load_pretrained(model_dir)
+    ids, mask = tokenize(tokenizer, texts, length)
+    return np.asarray(make_private_forward(config)(params, *encode_client_inputs(config, ids,
+                                                                                  mask)))

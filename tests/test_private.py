@@ -74,6 +74,10 @@ def _nodes(n, port=0):
     ({"nodes": [{"id": "a", "link": "127.0.0.1:1", "io": "127.0.0.1:2", "tls": 1}] + _nodes(2)},
      "unknown field(s) ['tls']"),
     ({"timeout_s": -1}, "timeout_s must be a positive number"),
+    ({"link": {"connect_retry_times": "x"}}, "link.connect_retry_times must be a int"),
+    ({"link": {"recv_timeout_ms": -5}}, "link.recv_timeout_ms must not be negative"),
+    ({"service": {"max_queue": 0}}, "service.max_queue must be >= 1"),
+    ({"service": {"queue": 3}}, "unknown field(s) ['queue'] in"),
 ])
 def test_config_errors_say_what_is_wrong(change, message):
     with pytest.raises(ConfigError) as err:
@@ -165,14 +169,16 @@ def test_profile_parser_reads_custom_calls():
 
 def test_results_print_a_score_for_regression(capsys):
     """A one-output (regression) model prints its score, not a softmax over one class."""
+    from mpcformer_jax.private.cli import print_results
     from mpcformer_jax.private.cost import CostReport
-    from mpcformer_jax.private.roles import print_results
+    from mpcformer_jax.private.roles.client import QueryResult, prediction
 
-    print_results(["a", "b"], np.array([[3.25], [-1.5]]), ["LABEL_0"], CostReport("ABY3", 3),
-                  as_json=True)
-    rows = json.loads(capsys.readouterr().out)["results"]
-    assert [r["score"] for r in rows] == [3.25, -1.5]
-    assert "probabilities" not in rows[0]
-    print_results(["a"], np.array([[0.0, 2.0]]), ["neg", "pos"], CostReport("ABY3", 3),
-                  as_json=False)
-    assert capsys.readouterr().out.startswith("pos\t0.881\ta")
+    rows = [prediction(t, lg, ["LABEL_0"], 3, False) for t, lg in (("a", [3.25]), ("b", [-1.5]))]
+    print_results(QueryResult(rows, ["2x8"], CostReport("ABY3", 3), 1.0), as_json=True)
+    out = json.loads(capsys.readouterr().out)["results"]
+    assert [r["logits"] for r in out] == [[3.25], [-1.5]]
+    assert out[0]["probabilities"] is None and out[0]["label"] is None
+    pos = prediction("a", [0.0, 2.0], ["neg", "pos"], 40, True)
+    assert pos.label == "pos" and pos.probabilities == {"neg": 0.1192, "pos": 0.8808}
+    print_results(QueryResult([pos], ["1x32"], CostReport("ABY3", 3), 1.0), as_json=False)
+    assert capsys.readouterr().out.startswith("pos\t0.881\ta\t(truncated)")

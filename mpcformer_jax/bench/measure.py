@@ -20,9 +20,9 @@ import numpy as np
 from mpcformer_jax.bench.variants import Shape, Variant
 from mpcformer_jax.models import init_params
 from mpcformer_jax.private import load_config, run
-from mpcformer_jax.private.api import DEFAULT_CONFIGS, compile_for
+from mpcformer_jax.private.api import DEFAULT_CONFIGS
 from mpcformer_jax.private.config import CONFIG_DIR
-from mpcformer_jax.private.model import encode_client_inputs, make_private_forward
+from mpcformer_jax.private.model import compile_for, encode_client_inputs, make_private_forward
 
 # Numeric fields of a record that are summed over layers (and so extrapolated).
 LINEAR_FIELDS = ("wall_s", "cpu_s", "bytes", "messages")
@@ -72,7 +72,7 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
     cluster = cluster_config(protocol, runtime, compiler)
     one_hot, mask = encode_client_inputs(config, batch["input_ids"], batch["attention_mask"])
     compile_s = time.perf_counter()
-    compile_for(config, params, one_hot, mask, cluster, "segments")  # cached for run()
+    compile_for(config, params, *one_hot.shape[:2], cluster.compiler_options())  # for run()
     compile_s = time.perf_counter() - compile_s
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     result = run((config, params), batch, config=cluster, attribution="segments", compare=False)

@@ -8,7 +8,7 @@ A config file looks like (``spu_configs/aby3_3pc.json``)::
      "compiler": {"enable_optimize_denominator_with_broadcast": true},
      "link": {"connect_retry_times": 30, "connect_retry_interval_ms": 200,
               "recv_timeout_ms": 30000},
-     "service": {"max_queue": 16, "share_wait_s": 30},
+     "service": {"max_queue": 8, "share_wait_s": 30},
      "timeout_s": 60}
 
 A node's ``link`` is where it accepts the mutual-TLS tunnels of the other nodes (node <-> node
@@ -44,7 +44,7 @@ _LINK_KEYS = {"connect_retry_times": int, "connect_retry_interval_ms": int,
               "recv_timeout_ms": int, "http_timeout_ms": int, "throttle_window_size": int,
               "brpc_channel_protocol": str}
 _SERVICE_KEYS = {"max_queue": int, "share_wait_s": (int, float)}
-_SERVICE_DEFAULTS = {"max_queue": 16, "share_wait_s": 30.0}
+_SERVICE_DEFAULTS = {"max_queue": 8, "share_wait_s": 30.0}
 # Set by this package, not by a config: profiling is how the cost report is measured.
 _RESERVED_RUNTIME = {"protocol", "enable_pphlo_profile", "enable_hal_profile"}
 

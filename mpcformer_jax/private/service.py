@@ -146,12 +146,15 @@ class Service:
       certs: a certificates folder (``spu_run certs``); default ``<state>/certs``, made if
         absent.
       remote_nodes: the nodes run elsewhere (``spu_run node``); only upload to them.
+      plain_node_links: benchmarks only (``experiments.serve_benchmark`` measures what the
+        tunnels cost with it): node <-> node MPC traffic in the clear over loopback TCP.
     """
 
     def __init__(self, cluster: ClusterConfig, model_dir: str | Path, state_dir: str | Path,
                  buckets=DEFAULT_BUCKETS, certs: str | Path | None = None,
-                 remote_nodes: bool = False, attribution: str = "segments"):
-        self.remote = remote_nodes
+                 remote_nodes: bool = False, attribution: str = "segments",
+                 plain_node_links: bool = False):
+        self.remote, self.plain_node_links = remote_nodes, plain_node_links
         if remote_nodes and cluster.needs_ports:
             raise ConfigError("nodes on other hosts need fixed ports in the config (port 0 "
                               "is chosen at launch, which only works when serve starts them)")
@@ -201,14 +204,16 @@ class Service:
         self._upload()
 
     def _start_nodes(self) -> None:
-        dirs = [Path(tempfile.mkdtemp(prefix="spu_")) for _ in self.cluster.nodes]
-        procs = []
+        # Registered before anything starts, so a failure half-way still cleans up all.
+        self.nodes = _LocalNodes([], [])
         for rank, node in enumerate(self.cluster.nodes):
-            procs.append(launcher.start_role(
+            workdir = Path(tempfile.mkdtemp(prefix="spu_"))
+            self.nodes.dirs.append(workdir)
+            self.nodes.procs.append(launcher.start_role(
                 node.id, "mpcformer_jax.private.roles.node:node_main",
                 {"cluster": self.cluster, "rank": rank,
-                 "ident": identity(self.certs, node.id), "workdir": str(dirs[rank])}))
-        self.nodes = _LocalNodes(procs, dirs)
+                 "ident": identity(self.certs, node.id), "workdir": str(workdir),
+                 "plain_link": self.plain_node_links}))
 
     def _stop_nodes(self) -> None:
         if self.nodes is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import threading
 from pathlib import Path
 
@@ -34,6 +35,18 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 class TunnelError(RuntimeError):
     """A tunnel endpoint could not be opened (port taken, bad address)."""
+
+
+class _Unread(asyncio.Protocol):
+    """Accepts a TCP connection without reading a byte of it, then hands it to a TLS
+    upgrade (asyncio's stream server would buffer the ClientHello first)."""
+
+    def __init__(self, upgrade):
+        self.upgrade = upgrade
+
+    def connection_made(self, transport) -> None:
+        transport.pause_reading()
+        asyncio.ensure_future(self.upgrade(transport))
 
 
 class Tunnels:
@@ -53,6 +66,9 @@ class Tunnels:
         self.refused: list[str] = []  # why inbound connections were dropped (tests read it)
         self.bytes = {"in": 0, "out": 0}
         self._loop = asyncio.new_event_loop()
+        # asyncio warns on every TLS stream that half-closes ("returning true from
+        # eof_received() has no effect"): harmless here, and a node's stderr is for errors.
+        logging.getLogger("asyncio").setLevel(logging.ERROR)
         # A failed handshake (plain HTTP, a wrong certificate) is a refusal, not an error to
         # print: record it instead of letting asyncio log a traceback.
         self._loop.set_exception_handler(
@@ -78,15 +94,15 @@ class Tunnels:
     async def _start(self) -> None:
         host, port = self.public[self.rank]
         try:
-            self._servers.append(await asyncio.start_server(
-                self._inbound, host, port, ssl=server_context(self.ident),
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S, reuse_address=True))
+            self._servers.append(await self._loop.create_server(
+                lambda: _Unread(self._inbound), host, port, reuse_address=True))
         except OSError as err:
             taken = err.errno == errno.EADDRINUSE
             raise TunnelError(
                 f"node {self.ids[self.rank]}: cannot listen for peer nodes on {host}:{port}"
                 f" ({'port already in use' if taken else err}); free it or change 'link' in "
                 "the config") from None
+        self._in_ctx = server_context(self.ident)
         self._out_ctx = client_context(self.ident)
         for j in range(len(self.ids)):
             if j != self.rank:
@@ -94,7 +110,19 @@ class Tunnels:
                     lambda r, w, j=j: self._outbound(j, r, w),
                     path=str(self.dir / f"peer{j}.sock")))
 
-    async def _inbound(self, reader, writer) -> None:
+    async def _inbound(self, transport) -> None:
+        # TLS is started here rather than by the server, so that every refusal is counted.
+        reader = asyncio.StreamReader(limit=_CHUNK)
+        proto = asyncio.StreamReaderProtocol(reader)
+        try:
+            tls = await self._loop.start_tls(transport, proto, self._in_ctx, server_side=True,
+                                             ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except (OSError, TimeoutError) as err:  # ssl.SSLError is an OSError
+            self.refused.append(f"TLS handshake: {type(err).__name__}: {err}")
+            transport.close()
+            return
+        proto.connection_made(tls)
+        writer = asyncio.StreamWriter(tls, proto, reader, self._loop)
         ssl_obj = writer.get_extra_info("ssl_object")
         role, name = subject_of(ssl_obj.getpeercert(binary_form=True)) if ssl_obj else ("", "")
         if role != "node" or name not in self.ids or name == self.ids[self.rank]:

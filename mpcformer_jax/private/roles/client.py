@@ -29,6 +29,7 @@ from mpcformer_jax.private.cost import CostReport, report_from_profiles
 from mpcformer_jax.private.tls import Identity, identity
 
 ENDPOINT = "endpoint.json"
+_RETRY = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 
 
 class QueryError(RuntimeError):
@@ -67,6 +68,20 @@ class QueryResult:
     def to_dict(self) -> dict:
         return {"results": [p.to_dict() for p in self.predictions], "buckets": self.buckets,
                 "wall_s": self.wall_s, "cost": self.cost.to_dict()}
+
+
+def prediction(text: str, logits, labels, tokens: int, truncated: bool) -> Prediction:
+    """A Prediction from one row of logits: a label and a distribution, or for a one-output
+    (regression) model its score alone."""
+    row = [float(x) for x in logits]
+    if len(row) == 1:
+        return Prediction(text, row, None, None, tokens, truncated)
+    z = np.exp(np.asarray(row) - max(row))
+    probs = z / z.sum()
+    names = list(labels) or [str(k) for k in range(len(row))]
+    return Prediction(text, row, names[int(probs.argmax())],
+                      {n: round(float(p), 4) for n, p in zip(names, probs, strict=True)},
+                      tokens, truncated)
 
 
 def read_endpoint(state_dir: str | Path) -> dict:
@@ -179,39 +194,30 @@ class Client:
             logits, node_profiles = self.run_query(f"{b}x{n}", [one_hot, mask_f])
             profiles.append(node_profiles)
             buckets.append(f"{b}x{n}")
-            predictions += [self._prediction(t, lg, k, k > n)
+            predictions += [prediction(t, lg, self.labels, k, k > n)
                             for t, lg, k in zip(chunk, logits[:len(chunk)], lens, strict=True)]
         cost = report_from_profiles(self.cluster.protocol, self.cluster.world_size, profiles)
         cost.input_bytes = {"client": sum(q[0].get("client_bytes", 0) for q in profiles)}
         return QueryResult(predictions, buckets, cost, time.perf_counter() - start)
-
-    def _prediction(self, text: str, logits: np.ndarray, tokens: int, truncated: bool):
-        row = [float(x) for x in logits]
-        if len(row) == 1:  # a regression head: a score, not a distribution
-            return Prediction(text, row, None, None, tokens, truncated)
-        z = np.exp(np.asarray(row) - max(row))
-        probs = z / z.sum()
-        names = self.labels or [str(k) for k in range(len(row))]
-        return Prediction(text, row, names[int(probs.argmax())],
-                          {n: round(float(p), 4) for n, p in zip(names, probs, strict=True)},
-                          tokens, truncated)
 
     # ------------------------------------------------------------------ one query
 
     def run_query(self, bucket: str, arrays: list[np.ndarray]) -> tuple[np.ndarray, list[dict]]:
         """Sends one bucket-shaped input to every node; returns (logits, node profiles).
 
-        A query the service lost because it restarted its nodes is sent again, with fresh
-        shares, up to ``retries`` times; other refusals raise QueryError at once.
+        A query the service lost because it restarted its nodes (UNAVAILABLE), or could not
+        take because its queue was full (RESOURCE_EXHAUSTED), is sent again with fresh shares,
+        up to ``retries`` times; other refusals raise QueryError at once.
         """
         for attempt in range(self.retries + 1):
             try:
                 return self._query_once(bucket, arrays)
             except QueryError as err:
-                if err.code != "UNAVAILABLE" or attempt == self.retries:
+                if err.code not in _RETRY or attempt == self.retries:
                     raise
                 time.sleep(1.0 + attempt)
-                self._refresh()
+                if err.code == "UNAVAILABLE":
+                    self._refresh()
         raise AssertionError("unreachable")
 
     def _refresh(self) -> None:

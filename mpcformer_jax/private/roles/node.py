@@ -96,8 +96,10 @@ class Model:
 class Node:
     """Node ``rank`` of ``cluster``; ``workdir`` is a private folder for sockets and logs."""
 
-    def __init__(self, cluster: ClusterConfig, rank: int, ident: Identity, workdir: Path):
+    def __init__(self, cluster: ClusterConfig, rank: int, ident: Identity, workdir: Path,
+                 plain_link: bool = False):
         self.cluster, self.rank, self.ident, self.dir = cluster, rank, ident, Path(workdir)
+        self.plain_link = plain_link
         self.name = cluster.nodes[rank].id
         self.ids = [n.id for n in cluster.nodes]
         self.leader = rank == 0
@@ -113,6 +115,7 @@ class Node:
         self.rt = None
         self._peers = {}
         self.served = 0
+        self.receiving = 0  # query streams being read (they count against max_queue)
 
     # ------------------------------------------------------------------ start and stop
 
@@ -132,12 +135,15 @@ class Node:
                                        max_workers=limit, max_concurrent=limit)
         self.tunnels = Tunnels(self.ident, self.ids, self.rank,
                                [n.link for n in self.cluster.nodes], self.dir)
-        self.tunnels.start()
-        self._connect()
+        if self.plain_link:  # benchmarks only: brpc in the clear on the config's link ports
+            addrs = [n.link_addr for n in self.cluster.nodes]
+        else:
+            self.tunnels.start()
+            addrs = [self.tunnels.brpc_self if j == self.rank else self.tunnels.brpc_peer(j)
+                     for j in range(len(self.ids))]
+        self._connect(addrs)
 
-    def _connect(self) -> None:
-        addrs = [self.tunnels.brpc_self if j == self.rank else self.tunnels.brpc_peer(j)
-                 for j in range(len(self.ids))]
+    def _connect(self, addrs: list[str]) -> None:
         try:
             self.lctx = libspu.link.create_brpc(self.cluster.link_desc(addrs), self.rank)
         except Exception as err:
@@ -243,6 +249,13 @@ class Node:
                 k += 1 + c
             return None if k == len(sizes) else "bad share counts"
 
+        with self.lock:  # refuse a full queue before reading any share
+            waiting = self.receiving + sum(q.state != "done" for q in self.queries.values())
+            if waiting >= self.cluster.max_queue:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"queue full ({waiting} queries waiting at node {self.name}); "
+                              "retry later")
+            self.receiving += 1
         try:
             header = transport.parse_header(next(request_iterator))
             if header.get("fingerprint") != model.fingerprint:
@@ -257,14 +270,12 @@ class Node:
             shares = blobs_to_shares(header["counts"], blobs)
         except (transport.FrameError, ValueError, StopIteration) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad query: {err}")
+        finally:
+            with self.lock:
+                self.receiving -= 1
         with self.lock:
-            waiting = sum(q.state != "done" for q in self.queries.values())
             if qid in self.queries:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"query {qid} was already sent")
-            if waiting >= self.cluster.max_queue:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"queue full ({waiting} queries waiting at node {self.name}); "
-                              "retry later")
             q = Query(qid, header["bucket"], shares, time.monotonic())
             self.queries[qid] = q
             self.lock.notify_all()
@@ -324,7 +335,7 @@ class Node:
         self._require(context, "owner", "client", "node")
         model = self.model
         return transport.pack({
-            "node": self.name, "rank": self.rank, "ready": model is not None,
+            "node": self.name, "rank": self.rank, "pid": os.getpid(), "ready": model is not None,
             "fingerprint": model.fingerprint if model else None,
             "buckets": sorted(model.programs) if model else [],
             "program_digests": model.digests if model else {},
@@ -466,17 +477,19 @@ def _upload_limit() -> int:
 
 
 def node_main(cluster: ClusterConfig, rank: int, ident: Identity,
-              workdir: str | None = None) -> None:
+              workdir: str | None = None, plain_link: bool = False) -> None:
     """Runs node ``rank`` until the owner says stop, SIGTERM/SIGINT, or a failure.
 
     ``workdir``: a private folder for the node's sockets and logs, made and removed by the
-    caller (the service); None makes (and removes) one here.
+    caller (the service); None makes (and removes) one here. ``plain_link`` (benchmarks
+    only, never exposed by ``spu_run``) runs brpc over the config's link ports without the
+    TLS tunnels, to measure what the tunnels cost.
     """
     own = workdir is None
     path = Path(tempfile.mkdtemp(prefix="spu_") if own else workdir)
     os.chmod(path, 0o700)
     setup_spu_log(path / "idle.log")
-    node = Node(cluster, rank, ident, path)
+    node = Node(cluster, rank, ident, path, plain_link)
 
     def on_signal(signum, frame):
         node.work.put(("stop",))
