@@ -3,11 +3,11 @@
 Three nodes, the model owner (``spu_run serve --remote-nodes``) and a client each get a
 namespace with one non-loopback address on a bridge; the deployment path of
 ``spu_configs/README.md`` runs as written: ``spu_run certs``, ``spu_run node`` per host with
-fixed ports, the owner's upload, ``spu_run query``. A raw-socket capture on the bridge shows
-that every TCP connection between hosts is TLS from its first byte and that no plaintext
-protocol marker crosses it; each node host listens on exactly its two TLS ports (SPU's brpc
-server is on a Unix socket); a forged brpc Push from the client's host is refused. The
-namespaces are removed afterwards, even when the test fails.
+fixed ports, the owner's upload, ``spu_run query``. A raw-socket capture on the bridge's ports
+shows that every TCP connection between hosts is TLS from its first byte and that no
+plaintext protocol marker crosses it; each node host listens on exactly its two TLS ports
+(SPU's brpc server is on a Unix socket); a forged brpc Push from the client's host is
+refused. The namespaces are removed afterwards, even when the test fails.
 
 Needs root and iproute2 (present here and in CI); skipped otherwise.
 """
@@ -42,7 +42,8 @@ MARKERS = [b"mpcformer.Node", b"ReceiverService", b"fingerprint", b"query_id", b
 CAPTURE = r'''
 import socket, struct, sys, signal
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
-sock.bind((sys.argv[2], 0))
+# Unbound: every interface of the switch namespace, i.e. every veth port of the bridge
+# (frames forwarded between ports never pass the bridge device itself).
 sock.settimeout(0.5)
 out = open(sys.argv[1], "wb")
 running = [True]
@@ -154,7 +155,7 @@ def test_one_role_per_host_encrypted_on_the_wire(net, tiny_student, tmp_path):
     capture_file = tmp_path / "capture.bin"
     script = tmp_path / "capture.py"
     script.write_text(CAPTURE)
-    capture = net.run("sw", [sys.executable, str(script), str(capture_file), "br0"],
+    capture = net.run("sw", [sys.executable, str(script), str(capture_file)],
                       stdout=subprocess.PIPE, text=True)
     procs.append(capture)
     try:
@@ -186,7 +187,9 @@ def test_one_role_per_host_encrypted_on_the_wire(net, tiny_student, tmp_path):
         for n in nodes:
             ss = subprocess.run(["ip", "netns", "exec", net.ns(n), "ss", "-Hltn"],
                                 capture_output=True, text=True, check=True).stdout
-            ports = sorted(line.split()[3] for line in ss.splitlines())
+            # gRPC listens on an IPv4-mapped IPv6 socket: [::ffff:10.77.77.1]:7101.
+            ports = sorted(line.split()[3].replace("[::ffff:", "").replace("]", "")
+                           for line in ss.splitlines())
             assert ports == sorted([f"{net.addr[n]}:7101", f"{net.addr[n]}:7201"]), ss
         # A forged brpc Push from the client's host reaches a TLS server, not the MPC.
         push = (b"POST /org.interconnection.link.ReceiverService/Push HTTP/1.1\r\nHost: x"

@@ -1,6 +1,9 @@
 """The jax-free core every party uses: shares in and out, running segments, SPU's log.
 
-Node processes import this (and program.py, cost.py) but nothing that imports jax.
+Node processes import this (and program.py, cost.py, transport.py, tunnel.py, tls.py), none
+of which imports jax, flax or the models: a node needs neither the weights' code nor the
+tracer. (SPU 0.9.5's own package init imports jax, so the module is loaded all the same; no
+jax code runs in a node.)
 """
 
 from __future__ import annotations

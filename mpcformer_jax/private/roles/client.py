@@ -256,8 +256,11 @@ class Client:
             try:
                 header, blobs = transport.unpack(call.result())
             except grpc.RpcError as err:
-                failure = failure or QueryError(f"node {node}: {transport.error_text(err)}",
-                                                err.code().name)
+                text = transport.error_text(err)
+                if err.code() == grpc.StatusCode.UNAVAILABLE and "retry" not in text:
+                    text = (f"unavailable ({text}): the query was not answered; retry (a "
+                            "local service restarts failed nodes)")
+                failure = failure or QueryError(f"node {node}: {text}", err.code().name)
                 continue
             except transport.FrameError as err:
                 failure = failure or QueryError(f"node {node} sent a bad answer: {err}")

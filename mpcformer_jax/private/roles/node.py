@@ -108,7 +108,8 @@ class Node:
         self.lock = threading.Condition()
         self.model: Model | None = None
         self.stopping = threading.Event()
-        self.per_elem = 0
+        # Known before the service opens: an upload may arrive while the link still forms.
+        self.per_elem = bytes_per_element(cluster.runtime_config(), len(self.ids))
         self.server = None
         self.tunnels = None
         self.lctx = None
@@ -152,9 +153,7 @@ class Node:
                               f"retry budget: {err}") from None
         # The runtime's setup is a collective among the nodes: do it before serving, or a node
         # busy receiving a large upload would hold the others in it (a deadlock).
-        config = self.cluster.runtime_config()
-        self.rt = spu.Runtime(self.lctx, config)
-        self.per_elem = bytes_per_element(config, len(self.ids))
+        self.rt = spu.Runtime(self.lctx, self.cluster.runtime_config())
 
     def stop(self) -> None:
         """Fails whatever is queued, closes every channel and listener."""
