@@ -128,3 +128,14 @@ def profile_of(log: Path, wall_s: float) -> dict:
                        for e, ops in by_exe.items()},
             "link": [sum(getattr(li, f) for li in links)
                      for f in ("send_bytes", "recv_bytes", "send_messages", "recv_messages")]}
+
+
+def mem_available() -> int:
+    """Bytes of memory this machine can still give (MemAvailable), or a huge number if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62

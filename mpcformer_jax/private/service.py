@@ -32,6 +32,7 @@ from mpcformer_jax.private.card import export_card
 from mpcformer_jax.private.config import ClusterConfig, ConfigError
 from mpcformer_jax.private.roles.client import ENDPOINT
 from mpcformer_jax.private.roles.owner import Owner, OwnerError, bucket_name, parse_buckets
+from mpcformer_jax.private.runtime import mem_available
 from mpcformer_jax.private.tls import CertError, identity, make_certs
 
 DEFAULT_BUCKETS = "1x16,1x32,8x32,8x64"
@@ -47,16 +48,6 @@ def log(msg: str) -> None:
     print(f"spu_run serve: {msg}", file=sys.stderr, flush=True)
 
 
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
 def estimate_memory(model_config, n_params: int, cluster: ClusterConfig, buckets,
                     local_nodes: bool) -> dict[str, int]:
     """Bytes the nodes will hold: weight shares, plus the queued and running queries' one-hot
@@ -68,7 +59,7 @@ def estimate_memory(model_config, n_params: int, cluster: ClusterConfig, buckets
     largest = max(b * n * (model_config.vocab_size + 1) for b, n in buckets)
     per_node = n_params * per_elem + (cluster.max_queue + 3) * largest * per_elem
     nodes = cluster.world_size if local_nodes else 1
-    return {"per_node": per_node, "total": per_node * nodes, "available": _mem_available()}
+    return {"per_node": per_node, "total": per_node * nodes, "available": mem_available()}
 
 
 def preflight(cluster: ClusterConfig, model_dir: str | Path, buckets, local_nodes: bool
@@ -180,8 +171,9 @@ class Service:
                                 f" --out {self.certs} --config CONFIG` and copy each host its own")
             make_certs(self.certs, [n.id for n in self.cluster.nodes])
             log(f"made a CA and certificates in {self.certs}")
-        for node in self.cluster.nodes:
-            identity(self.certs, node.id) if not self.remote else None
+        if not self.remote:  # every local node's credentials, before any node starts
+            for node in self.cluster.nodes:
+                identity(self.certs, node.id)
         return identity(self.certs, "owner")
 
     def start(self) -> None:

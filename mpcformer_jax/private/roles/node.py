@@ -45,6 +45,7 @@ from mpcformer_jax.private.runtime import (
     CHUNK_OVERHEAD,
     blobs_to_shares,
     bytes_per_element,
+    mem_available,
     profile_of,
     run_segments,
     setup_spu_log,
@@ -69,7 +70,6 @@ class Query:
     qid: str
     bucket: str
     shares: list
-    arrived: float
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     response: bytes | None = None
     error: tuple[grpc.StatusCode, str] | None = None
@@ -192,7 +192,8 @@ class Node:
                           f"node {self.name} already serves model {self.model.fingerprint}; "
                           "restart the service to change the model")
         try:
-            header, blobs = transport.receive_stream(request_iterator, _upload_limit())
+            header, blobs = transport.receive_stream(  # the owner may send 80% of free memory
+                request_iterator, mem_available() * 8 // 10)
             model, weight_shares = self._parse_model(header, blobs)
         except (transport.FrameError, ValueError, KeyError, TypeError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad upload: {err}")
@@ -275,7 +276,7 @@ class Node:
         with self.lock:
             if qid in self.queries:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"query {qid} was already sent")
-            q = Query(qid, header["bucket"], shares, time.monotonic())
+            q = Query(qid, header["bucket"], shares)
             self.queries[qid] = q
             self.lock.notify_all()
         context.add_callback(lambda: self._forget(q))
@@ -462,17 +463,6 @@ def _numel(shape) -> int:
 def _prepend(first: bytes, rest):
     yield first
     yield from rest
-
-
-def _upload_limit() -> int:
-    """The owner may send at most 80% of this machine's available memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 * 8 // 10
-    except OSError:
-        pass
-    return 64 << 30
 
 
 def node_main(cluster: ClusterConfig, rank: int, ident: Identity,
