@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = apply_overrides(load_config(args.config), args.overrides)
-        check_config(cfg)
+        plan = check_config(cfg)  # the model and layer map, resolved once for the run
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    results = run_pipeline(cfg, fresh=args.fresh)
+    results = run_pipeline(plan, fresh=args.fresh)
     print(f"\n## {cfg.name}\n")
     print(format_table(results))
     for pair, path in results["exports"].items():

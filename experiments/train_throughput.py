@@ -26,6 +26,7 @@ import numpy as np
 from mpcformer_jax.models import BertConfig, init_params
 from mpcformer_jax.train import parallel
 from mpcformer_jax.train.config import StageConfig
+from mpcformer_jax.train.objectives import LayerwiseObjective, TaskObjective, device_put_teacher
 from mpcformer_jax.train.optim import make_optimizer
 from mpcformer_jax.train.steps import TrainState, make_train_step
 
@@ -88,10 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     config = teacher.with_approx("quad", "2quad") if args.kind == "layerwise" else teacher
     params = init_params(config, 0)
     tx = make_optimizer(StageConfig(), total_steps=1000)
-    step_fn = make_train_step(args.kind, config, tx, teacher_config=teacher,
-                              layer_map=tuple(range(teacher.num_hidden_layers)))
-    teacher_params = jax.device_put(init_params(teacher, 1), rep) \
-        if args.kind == "layerwise" else None
+    if args.kind == "layerwise":
+        objective = LayerwiseObjective(teacher, init_params(teacher, 1),
+                                       tuple(range(teacher.num_hidden_layers)))
+    else:
+        objective = TaskObjective()
+    step_fn = make_train_step(objective, config, tx)
+    teacher_params = device_put_teacher(objective, rep)
     rng = np.random.default_rng(0)
     b, length = args.batch_size, args.length
     batch = parallel.shard_batch({

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints written as PyTorch-named safetensors."""
+"""Shared fixtures: tiny random Hugging Face checkpoints written as PyTorch-named safetensors,
+and a learnable synthetic tokenized split for training tests."""
 
 import json
 from pathlib import Path
@@ -45,3 +46,28 @@ def tiny_hf_bert(tmp_path_factory):
     # The PyTorch class nests the encoder under "bert."; our writer mirrors the Flax tree,
     # which already does.
     return folder, model
+
+
+def make_synthetic_split(n: int, seed: int, vocab: int = 128, max_len: int = 24):
+    """Random sentences; the label says whether most tokens come from the lower half of the
+    vocabulary, so a small model can learn it."""
+    from mpcformer_jax.data import TokenizedSplit
+
+    rng = np.random.default_rng(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        length = int(rng.integers(6, max_len + 1))
+        label = int(rng.integers(0, 2))
+        lo, hi = (2, vocab // 2) if label else (vocab // 2, vocab)
+        body = np.where(rng.random(length - 2) < 0.8, rng.integers(lo, hi, length - 2),
+                        rng.integers(2, vocab, length - 2))
+        ids.append(np.concatenate([[1], body, [1]]).astype(np.int32))
+        labels.append(label)
+    types = [np.zeros_like(x) for x in ids]
+    return TokenizedSplit(ids, types, np.asarray(labels, np.int32), max_len, 0)
+
+
+@pytest.fixture
+def synthetic_split():
+    """``synthetic_split(n, seed)``: a learnable random TokenizedSplit (see above)."""
+    return make_synthetic_split

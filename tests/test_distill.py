@@ -1,6 +1,5 @@
 """The pipeline and its entry point: config validation before any work, overrides, config
-files, students with a layer map, data parallelism over 4 forced host devices, and a whole
-pipeline run on a tiny checkpoint."""
+files, students with a layer map, and a whole pipeline run on a tiny checkpoint."""
 
 import importlib
 import json
@@ -8,7 +7,6 @@ import os
 import pkgutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -109,51 +107,6 @@ def test_student_copies_the_mapped_teacher_layers():
                                       "kernel"])
     layers["0"]["output"]["dense"]["kernel"][:] = 0  # a copy: the teacher is untouched
     assert np.any(teacher["bert"]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"] != 0)
-
-
-# ------------------------------------------------------------------ data parallel
-
-_DP_SCRIPT = textwrap.dedent("""
-    import sys, jax, numpy as np
-    sys.path.insert(0, "tests")
-    from test_train import synthetic_split, TEACHER, STUDENT, BUCKETS
-    from mpcformer_jax.models import init_params
-    from mpcformer_jax.train import loop, parallel
-    from mpcformer_jax.train.config import StageConfig
-    from mpcformer_jax.train.evaluation import JsonlLog
-    out = sys.argv[1]
-    mesh = parallel.make_mesh()
-    r = loop.run_stage("stage1", "layerwise", StageConfig(epochs=1, batch_size=16, max_steps=3),
-                       STUDENT, init_params(STUDENT, 1), synthetic_split(64, 0),
-                       synthetic_split(32, 1), metric_names=("accuracy",), ckpt_dir=out + "/ckpt",
-                       log=JsonlLog(out + "/m.jsonl"), mesh=mesh, buckets=BUCKETS,
-                       eval_batch_size=16, teacher_config=TEACHER,
-                       teacher_params=init_params(TEACHER, 0), layer_map=(0, 1))
-    leaves = jax.tree_util.tree_leaves(r.params)
-    np.savez(out + "/params.npz", *[np.asarray(x) for x in leaves])
-    print("DEVICES", jax.device_count(), len(leaves[0].sharding.device_set))
-""")
-
-
-def _run_stage_in_subprocess(tmp_path, devices: int) -> list[np.ndarray]:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}
-    out = tmp_path / f"dp{devices}"
-    out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"DEVICES {devices} {devices}" in proc.stdout
-    data = np.load(out / "params.npz")
-    return [data[k] for k in data.files]
-
-
-@pytest.mark.slow  # two subprocesses, each importing jax and compiling: ~40 s
-def test_data_parallel_over_four_devices_matches_one(tmp_path):
-    four = _run_stage_in_subprocess(tmp_path, 4)
-    one = _run_stage_in_subprocess(tmp_path, 1)
-    for a, b in zip(four, one, strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
 # ------------------------------------------------------------------ whole pipeline
