@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from mpcformer_jax.data import load_task, tokenize_split
 from mpcformer_jax.models import BertConfig, load_pretrained, resolve_checkpoint, save_pretrained
@@ -101,7 +100,7 @@ def make_student(teacher_config: BertConfig, teacher_params, pair: str,
     """
     act, norm = parse_pair(pair)
     config = teacher_config.with_approx(act, norm).replace(num_hidden_layers=len(layer_map))
-    params = jax.tree_util.tree_map(np.array, jax.device_get(teacher_params))
+    params = parallel.host_params(teacher_params)
     layers = params["bert"]["encoder"]["layer"]
     params["bert"]["encoder"]["layer"] = {str(i): layers[str(j)] for i, j in enumerate(layer_map)}
     return config, params
@@ -109,16 +108,25 @@ def make_student(teacher_config: BertConfig, teacher_params, pair: str,
 
 def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
     out = Path(cfg.out_dir)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
+    # Process 0 alone deletes and writes; the others check once it is done.
+    if parallel.is_primary():
+        if fresh and out.exists():
+            if any(out.iterdir()) and not saved.exists():
+                raise ValueError(f"--fresh would delete {out.resolve()}, which is not empty and "
+                                 "holds no run (no config.json). Choose an out_dir for the "
+                                 "run, or delete the folder yourself.")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    parallel.sync("prepare out_dir")
     current = cfg.to_dict()
     if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(current)):
         raise ValueError(f"{out} holds a run with a different config ({saved}). Resume it with "
                          "the same config, pass --fresh to start over, or choose another "
                          "out_dir.")
-    saved.write_text(json.dumps(current, indent=2) + "\n")
+    parallel.sync("check out_dir")
+    if parallel.is_primary():
+        saved.write_text(json.dumps(current, indent=2) + "\n")
     return out
 
 
@@ -163,6 +171,11 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         return run_stage(name, objective, stage_cfg, config, start_params, data["train"],
                          data["dev"], ckpt, ctx)
 
+    def export(path, config, model_params):
+        # Every process holds the same params; one writer keeps the folder swap atomic.
+        host = parallel.host_params(model_params)
+        return save_pretrained(path, config, host, tokenizer) if parallel.is_primary() else path
+
     def test_score(config, model_params, desc):
         return evaluate(make_predict_step(config), model_params, data["test"], task.metrics,
                         cfg.eval_batch_size, mesh, ctx.buckets, desc=desc)
@@ -171,7 +184,7 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
                     out / "ckpt" / "teacher")
     rows = [{"model": "teacher", "approx": "gelu+softmax", "dev": teacher.dev.get("main"),
              "test": test_score(teacher_config, teacher.params, "teacher test")}]
-    save_pretrained(out / "teacher", teacher_config, jax.device_get(teacher.params), tokenizer)
+    export(out / "teacher", teacher_config, teacher.params)
     teacher_main = rows[0]["test"]["main"]
 
     layerwise = LayerwiseObjective(teacher_config, teacher.params, plan.layer_map,
@@ -189,8 +202,7 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
                    ckpt / "stage2")
         rows.append({"model": "student (KD)", "approx": pair, "dev": s2.dev.get("main"),
                      "test": test_score(student_config, s2.params, f"{pair} student test")})
-        exports[pair] = str(save_pretrained(where / "student", student_config,
-                                            jax.device_get(s2.params), tokenizer))
+        exports[pair] = str(export(where / "student", student_config, s2.params))
         if cfg.run_baseline:
             base = stage(f"{pair} baseline", TaskObjective(), cfg.baseline, student_config,
                          student_params, ckpt / "baseline")
@@ -201,8 +213,9 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         row["vs_teacher"] = row["test"]["main"] / teacher_main if teacher_main else None
     results = {"name": cfg.name, "task": cfg.task, "sizes": {k: len(v) for k, v in data.items()},
                "rows": rows, "exports": exports, "seconds": round(time.time() - start, 1)}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(format_table(results) + "\n")
+    if parallel.is_primary():
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "results.md").write_text(format_table(results) + "\n")
     run_log.write(event="results", **results)
     return results
 

@@ -71,3 +71,16 @@ def make_synthetic_split(n: int, seed: int, vocab: int = 128, max_len: int = 24)
 def synthetic_split():
     """``synthetic_split(n, seed)``: a learnable random TokenizedSplit (see above)."""
     return make_synthetic_split
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny BERT with MiniLM's vocabulary and tokenizer, as a checkpoint folder."""
+    from mpcformer_jax.models import BertConfig, init_params, load_pretrained, save_pretrained
+
+    _, _, tokenizer = load_pretrained("minilm-l6")
+    cfg = BertConfig.tiny(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    params = init_params(cfg, 0)
+    del params["classifier"]  # like a base encoder: the pipeline sizes a new head
+    flat = {"bert": params["bert"]}
+    return save_pretrained(tmp_path_factory.mktemp("tiny") / "model", cfg, flat, tokenizer)

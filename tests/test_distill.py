@@ -14,7 +14,7 @@ import pytest
 
 import experiments.configs
 from experiments import distill
-from mpcformer_jax.models import BertConfig, init_params, load_pretrained, save_pretrained
+from mpcformer_jax.models import BertConfig, init_params, load_pretrained
 from mpcformer_jax.pipeline import check_config, default_layer_map, make_student, run_pipeline
 from mpcformer_jax.train.config import DistillConfig, StageConfig, apply_overrides
 
@@ -110,17 +110,6 @@ def test_student_copies_the_mapped_teacher_layers():
 
 
 # ------------------------------------------------------------------ whole pipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random tiny BERT with MiniLM's vocabulary and tokenizer, as a checkpoint folder."""
-    _, _, tokenizer = load_pretrained("minilm-l6")
-    cfg = BertConfig.tiny(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
-    params = init_params(cfg, 0)
-    del params["classifier"]  # like a base encoder: the pipeline sizes a new head
-    flat = {"bert": params["bert"]}
-    return save_pretrained(tmp_path_factory.mktemp("tiny") / "model", cfg, flat, tokenizer)
 
 
 @pytest.mark.slow  # every stage of the pipeline compiled once: ~40 s
