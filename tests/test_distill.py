@@ -62,6 +62,57 @@ def test_cli_reports_bad_configs_and_unknown_keys(capsys):
     assert "exceeds the 512 positions" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spec", ["common", "__init__", "", "common:smoke", "configs.default"])
+def test_cli_names_the_valid_configs_for_a_module_that_is_not_one(spec, capsys):
+    assert distill.main(["--config", spec, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"Unknown config {spec.partition(':')[0]!r}. Available configs are: " \
+        "banking77_full, clinc150_full" in err
+    assert "default" in err and "common" not in err.split("Available")[1]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage1.learning_rate=nan", "learning_rate must be a finite number > 0, got nan"),
+    ("stage1.learning_rate=inf", "learning_rate must be a finite number > 0, got inf"),
+    ("stage2.learning_rate=-1e-4", "learning_rate must be a finite number > 0, got -0.0001"),
+    ("teacher.weight_decay=-1", "weight_decay must be a finite number >= 0"),
+    ("baseline.clip_norm=nan", "clip_norm must be a finite number >= 0"),
+    ("stage1.warmup_ratio=1", "warmup_ratio must be a finite number in [0, 1)"),
+    ("stage1.batch_size=-1", "batch_size must be >= 1, got -1"),
+    ("stage1.batch_size=0", "batch_size must be >= 1, got 0"),
+    ("stage1.epochs=-1", "epochs must be >= 0, got -1"),
+    ("stage1.epochs=1.5", "stage1.epochs=1.5: expected an integer"),
+    ("stage1.evals_per_epoch=0", "evals_per_epoch must be >= 1"),
+    ("eval_batch_size=0", "eval_batch_size must be >= 1"),
+    ("temperature=nan", "temperature must be a finite number > 0, got nan"),
+    ("layerwise_weights=nan,1,1", "layerwise_weights must be 3 weights >= 0 and finite"),
+    ("buckets=0,64", "buckets (0, 64) must be lengths >= 2"),
+    ("buckets=16,x", "buckets=16,x: expected comma-separated integers"),
+    ("run_baseline=maybe", "run_baseline=maybe: expected true or false"),
+    ("model=", "model is empty"),
+    ("out_dir=", "out_dir is empty"),
+    ("stage1=2", "is a group"),
+    ("stage1.epochs", "must read key=value"),
+])
+def test_cli_rejects_bad_values_with_a_clear_error(override, message, capsys):
+    assert distill.main(["--set", override, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_zero_epochs_is_a_valid_way_to_skip_a_stage(capsys):
+    assert distill.main(["--set", "stage1.epochs=0", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["stage1"]["epochs"] == 0
+
+
+def test_fresh_never_deletes_a_folder_that_holds_no_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty and holds no run"):
+        run_pipeline(DistillConfig(out_dir=str(tmp_path)), fresh=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_overrides_parse_by_field_type():
     cfg = apply_overrides(DistillConfig(), [
         "stage1.epochs=2", "stage2.learning_rate=3e-5", "approximations=quad+2quad,quad+2relu",
@@ -77,6 +128,7 @@ def test_every_config_file_builds_validates_and_documents_its_command():
     names = [m.name for m in pkgutil.iter_modules(experiments.configs.__path__)
              if m.name != "common"]
     assert "default" in names and len(names) >= 4
+    assert distill.config_names() == sorted(names)
     for name in names:
         module = importlib.import_module(f"experiments.configs.{name}")
         assert "python -m experiments.distill" in module.__doc__, name

@@ -126,6 +126,16 @@ def test_fewer_student_layers_with_a_layer_map(tmp_path, synthetic_split):
              StageConfig(max_steps=1), data)
 
 
+def test_zero_epochs_skips_the_stage(tmp_path, synthetic_split):
+    params = init_params(TEACHER, 0)
+    result = _run(tmp_path, "teacher", TaskObjective(), TEACHER, params,
+                  StageConfig(epochs=0), (synthetic_split(32, 0), synthetic_split(32, 9)))
+    assert (result.steps, result.dev) == (0, {})
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                           jax.device_get(result.params))
+    assert not (tmp_path / "ckpt").exists()
+
+
 class _Crash(RuntimeError):
     pass
 
