@@ -95,6 +95,7 @@ def test_weight_decay_skips_biases_and_layernorm():
     assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"]
 
 
+@pytest.mark.slow  # three stages trained to a learnt task: ~25 s
 def test_both_stages_end_to_end_and_the_loss_falls(tmp_path, synthetic_split):
     data = synthetic_split(256, 0), synthetic_split(32, 9)
     teacher = _run(tmp_path, "teacher", TaskObjective(), TEACHER, init_params(TEACHER, 0),
@@ -140,6 +141,7 @@ class _Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow  # four runs of one stage: ~25 s
 def test_interrupted_run_resumes_to_the_same_params(tmp_path, monkeypatch, synthetic_split):
     data = synthetic_split(96, 3), synthetic_split(32, 9)
     stage = StageConfig(epochs=2, batch_size=16, learning_rate=1e-3, checkpoint_every=4)
