@@ -14,6 +14,7 @@ import pytest
 
 import experiments.configs
 from experiments import distill
+from experiments.configs import common
 from mpcformer_jax.models import BertConfig, init_params, load_pretrained
 from mpcformer_jax.pipeline import check_config, default_layer_map, make_student, run_pipeline
 from mpcformer_jax.train.config import DistillConfig, StageConfig, apply_overrides
@@ -136,11 +137,23 @@ def test_every_config_file_builds_validates_and_documents_its_command():
             cfg = distill.load_config(f"{name}:{variant}" if variant else name)
             check_config(cfg)
         assert distill.load_config(f"{name}:smoke").out_dir.endswith("_smoke")
+        if name != "default":  # the *_full configs: the 2-core run on every example
+            full, cpu_full = distill.load_config(name), distill.load_config(f"{name}:cpu_full")
+            check_config(cpu_full)
+            assert (cpu_full.max_train, cpu_full.approximations) == (0, ("quad+2quad",))
+            assert cpu_full.buckets[-1] == full.max_length and len(cpu_full.buckets) > \
+                len(full.buckets)
+            assert (cpu_full.teacher, cpu_full.stage1) == (full.teacher, full.stage1)
+            assert cpu_full.out_dir == f"{full.out_dir}_cpu_full"
     pairs = distill.load_config("default:pairs")
     assert len(pairs.approximations) == 4
     assert pairs.out_dir != distill.load_config("default").out_dir
     with pytest.raises(ValueError, match="available: smoke, pairs"):
         distill.load_config("default:nope")
+    with pytest.raises(ValueError, match="available: smoke, cpu_full, cpu"):
+        distill.load_config("rt_full:nope")
+    assert common.fine_buckets(64) == (16, 24, 32, 48, 64)
+    assert common.fine_buckets(32) == (16, 24, 32) and common.fine_buckets(100)[-2:] == (96, 100)
 
 
 # ------------------------------------------------------------------ students
@@ -228,3 +241,18 @@ def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path, tiny_checkpoint)
     assert rows[0] == rows[1]
     weights = [(d / "student" / "model.safetensors").read_bytes() for d in (tmp_path / "ref", out)]
     assert weights[0] == weights[1]
+
+
+@pytest.mark.slow  # compiles every stage's step at two lengths: ~20 s
+def test_profile_run_estimates_every_stage_of_a_config(tiny_checkpoint, capsys):
+    from experiments import profile_run
+
+    out = profile_run.main(["--config", "default:smoke", "--set", f"model={tiny_checkpoint}",
+                            "--set", "max_length=32", "--set", "buckets=16,32", "--steps", "2"])
+    assert [r["stage"] for r in out["rows"]] == ["teacher", "stage1", "stage2", "baseline"]
+    for row in out["rows"]:
+        assert row["steps"] == 4  # smoke: max_steps=4
+        assert {length for length, _, _ in row["cells"]} <= {16, 32}
+        assert all(n > 0 and s > 0 for _, n, s in row["cells"])
+    assert out["total_s"] == pytest.approx(out["train_s"] + out["compile_s"] + out["eval_s"])
+    assert "estimated wall time" in capsys.readouterr().out
