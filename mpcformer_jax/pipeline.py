@@ -109,13 +109,15 @@ def make_student(teacher_config: BertConfig, teacher_params, pair: str,
 def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
     out = Path(cfg.out_dir)
     saved = out / "config.json"
-    # Process 0 alone deletes and writes; the others check once it is done.
+    # Every process checks (so all stop together); process 0 alone deletes and writes, and the
+    # others read once it is done.
+    if fresh and out.exists() and any(out.iterdir()) and not saved.exists():
+        raise ValueError(f"--fresh would delete {out.resolve()}, which is not empty and holds "
+                         "no run (no config.json). Choose an out_dir for the run, or delete "
+                         "the folder yourself.")
+    parallel.sync("check fresh")
     if parallel.is_primary():
         if fresh and out.exists():
-            if any(out.iterdir()) and not saved.exists():
-                raise ValueError(f"--fresh would delete {out.resolve()}, which is not empty and "
-                                 "holds no run (no config.json). Choose an out_dir for the "
-                                 "run, or delete the folder yourself.")
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     parallel.sync("prepare out_dir")
