@@ -20,8 +20,10 @@ import argparse
 import importlib
 import json
 import logging
+import pkgutil
 import sys
 
+from experiments import configs
 from mpcformer_jax.pipeline import check_config, format_table, run_pipeline
 from mpcformer_jax.train.config import DistillConfig, apply_overrides
 
@@ -32,11 +34,27 @@ def load_config(spec: str) -> DistillConfig:
     Configs are imported as ordinary modules (no exec of arbitrary files).
     """
     name, _, variant = spec.partition(":")
-    try:
-        module = importlib.import_module(f"experiments.configs.{name}")
-    except ModuleNotFoundError:
-        raise ValueError(f"Unknown config {name!r}: no experiments/configs/{name}.py.") from None
+    names = config_names()
+    if name not in names:
+        raise ValueError(f"Unknown config {name!r}. Available configs are: {', '.join(names)} "
+                         "(files in experiments/configs/; add ':smoke' for a quick check).")
+    module = importlib.import_module(f"experiments.configs.{name}")
     return module.get_config(variant) if variant else module.get_config()
+
+
+def config_names() -> list[str]:
+    """The runnable configs: modules of experiments/configs that define ``get_config``.
+
+    Helpers (``common``) and the package itself are not configs; checking names against this
+    list also keeps ``--config`` from importing arbitrary dotted module paths.
+    """
+    names = []
+    for info in pkgutil.iter_modules(configs.__path__):
+        if info.ispkg or info.name.startswith("_"):
+            continue
+        if hasattr(importlib.import_module(f"experiments.configs.{info.name}"), "get_config"):
+            names.append(info.name)
+    return sorted(names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = apply_overrides(load_config(args.config), args.overrides)
-        check_config(cfg)
+        plan = check_config(cfg)  # the model and layer map, resolved once for the run
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    results = run_pipeline(cfg, fresh=args.fresh)
+    results = run_pipeline(plan, fresh=args.fresh)
     print(f"\n## {cfg.name}\n")
     print(format_table(results))
     for pair, path in results["exports"].items():

@@ -15,6 +15,7 @@ and a run refuses to continue a folder written by a different config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -23,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from mpcformer_jax.data import load_task, tokenize_split
 from mpcformer_jax.models import BertConfig, load_pretrained, resolve_checkpoint, save_pretrained
 from mpcformer_jax.train import parallel
 from mpcformer_jax.train.config import DistillConfig, parse_pair
 from mpcformer_jax.train.evaluation import JsonlLog, evaluate
-from mpcformer_jax.train.loop import run_stage
+from mpcformer_jax.train.loop import RunContext, run_stage
+from mpcformer_jax.train.objectives import LayerwiseObjective, PredictionObjective, TaskObjective
 from mpcformer_jax.train.steps import make_predict_step
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,28 @@ def default_layer_map(n_student: int, n_teacher: int) -> tuple[int, ...]:
     return tuple((i + 1) * n_teacher // n_student - 1 for i in range(n_student))
 
 
-def check_config(cfg: DistillConfig) -> BertConfig:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A config checked against its model: what ``run_pipeline`` runs.
+
+    Attributes:
+      config: the run config.
+      model_config: the teacher checkpoint's BertConfig as read from its config.json (the
+        pipeline sizes the classifier head for the task).
+      layer_map: the teacher layer each student layer copies and imitates in stage 1.
+    """
+
+    config: DistillConfig
+    model_config: BertConfig
+    layer_map: tuple[int, ...]
+
+
+def check_config(cfg: DistillConfig) -> Plan:
     """Checks what the dataclass cannot check alone, before any work: that the model exists,
     that ``max_length`` fits its positions and that the layer map fits its layers.
 
     Returns:
-      The teacher's BertConfig as read from the checkpoint's config.json.
+      The resolved Plan (the model's config and the layer map), for ``run_pipeline``.
 
     Raises:
       FileNotFoundError / OSError: the model is neither a folder, a short name nor reachable.
@@ -66,7 +83,7 @@ def check_config(cfg: DistillConfig) -> BertConfig:
     if len(layer_map) != n_student or not all(0 <= j < n_teacher for j in layer_map):
         raise ValueError(f"layer_map {layer_map} must give one teacher layer in [0, {n_teacher}) "
                          f"for each of the {n_student} student layers.")
-    return model
+    return Plan(cfg, model, tuple(layer_map))
 
 
 def make_student(teacher_config: BertConfig, teacher_params, pair: str,
@@ -83,7 +100,7 @@ def make_student(teacher_config: BertConfig, teacher_params, pair: str,
     """
     act, norm = parse_pair(pair)
     config = teacher_config.with_approx(act, norm).replace(num_hidden_layers=len(layer_map))
-    params = jax.tree_util.tree_map(np.array, jax.device_get(teacher_params))
+    params = parallel.host_params(teacher_params)
     layers = params["bert"]["encoder"]["layer"]
     params["bert"]["encoder"]["layer"] = {str(i): layers[str(j)] for i, j in enumerate(layer_map)}
     return config, params
@@ -91,24 +108,35 @@ def make_student(teacher_config: BertConfig, teacher_params, pair: str,
 
 def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
     out = Path(cfg.out_dir)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
+    # Every process checks (so all stop together); process 0 alone deletes and writes, and the
+    # others read once it is done.
+    if fresh and out.exists() and any(out.iterdir()) and not saved.exists():
+        raise ValueError(f"--fresh would delete {out.resolve()}, which is not empty and holds "
+                         "no run (no config.json). Choose an out_dir for the run, or delete "
+                         "the folder yourself.")
+    parallel.sync("check fresh")
+    if parallel.is_primary():
+        if fresh and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    parallel.sync("prepare out_dir")
     current = cfg.to_dict()
     if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(current)):
         raise ValueError(f"{out} holds a run with a different config ({saved}). Resume it with "
                          "the same config, pass --fresh to start over, or choose another "
                          "out_dir.")
-    saved.write_text(json.dumps(current, indent=2) + "\n")
+    parallel.sync("check out_dir")
+    if parallel.is_primary():
+        saved.write_text(json.dumps(current, indent=2) + "\n")
     return out
 
 
-def run_pipeline(cfg: DistillConfig, *, fresh: bool = False) -> dict[str, Any]:
+def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str, Any]:
     """Runs (or resumes) the whole pipeline of ``cfg``.
 
     Args:
-      cfg: the validated run config.
+      cfg: the run config, or the Plan ``check_config`` made of it (a config is checked here).
       fresh: delete ``cfg.out_dir`` first instead of resuming it.
 
     Returns:
@@ -117,7 +145,8 @@ def run_pipeline(cfg: DistillConfig, *, fresh: bool = False) -> dict[str, Any]:
       Also written to ``out_dir/results.json`` and, as a table, ``out_dir/results.md``.
     """
     start = time.time()
-    check_config(cfg)
+    plan = cfg if isinstance(cfg, Plan) else check_config(cfg)
+    cfg = plan.config
     parallel.maybe_initialize_distributed()
     out = _prepare_out_dir(cfg, fresh)
     run_log = JsonlLog(out / "metrics.jsonl")
@@ -136,46 +165,49 @@ def run_pipeline(cfg: DistillConfig, *, fresh: bool = False) -> dict[str, Any]:
     data = {name: tokenize_split(split, tokenizer, cfg.max_length, teacher_config.max_length)
             for name, split in task.splits.items()}
     run_log.write(event="data", task=cfg.task, **{k: len(v) for k, v in data.items()})
-    buckets = cfg.buckets or None
-    common = dict(metric_names=task.metrics, log=run_log, mesh=mesh, seed=cfg.seed,
-                  buckets=buckets, eval_batch_size=cfg.eval_batch_size,
-                  run_config=cfg.to_dict())
+    ctx = RunContext(mesh=mesh, log=run_log, metric_names=tuple(task.metrics),
+                     buckets=cfg.buckets or None, eval_batch_size=cfg.eval_batch_size,
+                     seed=cfg.seed, run_config=cfg.to_dict())
+
+    def stage(name, objective, stage_cfg, config, start_params, ckpt):
+        return run_stage(name, objective, stage_cfg, config, start_params, data["train"],
+                         data["dev"], ckpt, ctx)
+
+    def export(path, config, model_params):
+        # Every process holds the same params; one writer keeps the folder swap atomic.
+        host = parallel.host_params(model_params)
+        return save_pretrained(path, config, host, tokenizer) if parallel.is_primary() else path
 
     def test_score(config, model_params, desc):
         return evaluate(make_predict_step(config), model_params, data["test"], task.metrics,
-                        cfg.eval_batch_size, mesh, buckets, desc=desc)
+                        cfg.eval_batch_size, mesh, ctx.buckets, desc=desc)
 
-    teacher = run_stage("teacher", "task", cfg.teacher, teacher_config, params, data["train"],
-                        data["dev"], ckpt_dir=out / "ckpt" / "teacher", **common)
+    teacher = stage("teacher", TaskObjective(), cfg.teacher, teacher_config, params,
+                    out / "ckpt" / "teacher")
     rows = [{"model": "teacher", "approx": "gelu+softmax", "dev": teacher.dev.get("main"),
              "test": test_score(teacher_config, teacher.params, "teacher test")}]
-    save_pretrained(out / "teacher", teacher_config, jax.device_get(teacher.params), tokenizer)
+    export(out / "teacher", teacher_config, teacher.params)
     teacher_main = rows[0]["test"]["main"]
 
-    n_student = cfg.student_layers or teacher_config.num_hidden_layers
-    layer_map = cfg.layer_map or default_layer_map(n_student, teacher_config.num_hidden_layers)
+    layerwise = LayerwiseObjective(teacher_config, teacher.params, plan.layer_map,
+                                   cfg.layerwise_weights)
+    prediction = PredictionObjective(teacher_config, teacher.params, cfg.temperature)
     exports = {}
     for pair in cfg.approximations:
         where = out if len(cfg.approximations) == 1 else out / pair
         ckpt = out / "ckpt" / pair
         student_config, student_params = make_student(teacher_config, teacher.params, pair,
-                                                      layer_map)
-        distill = dict(teacher_config=teacher_config, teacher_params=teacher.params, **common)
-        s1 = run_stage(f"{pair} stage1", "layerwise", cfg.stage1, student_config,
-                       student_params, data["train"], data["dev"], ckpt_dir=ckpt / "stage1",
-                       layer_map=layer_map, layerwise_weights=cfg.layerwise_weights,
-                       select_best=False, **distill)
-        s2 = run_stage(f"{pair} stage2", "prediction", cfg.stage2, student_config, s1.params,
-                       data["train"], data["dev"], ckpt_dir=ckpt / "stage2",
-                       temperature=cfg.temperature, **distill)
+                                                      plan.layer_map)
+        s1 = stage(f"{pair} stage1", layerwise, cfg.stage1, student_config, student_params,
+                   ckpt / "stage1")
+        s2 = stage(f"{pair} stage2", prediction, cfg.stage2, student_config, s1.params,
+                   ckpt / "stage2")
         rows.append({"model": "student (KD)", "approx": pair, "dev": s2.dev.get("main"),
                      "test": test_score(student_config, s2.params, f"{pair} student test")})
-        exports[pair] = str(save_pretrained(where / "student", student_config,
-                                            jax.device_get(s2.params), tokenizer))
+        exports[pair] = str(export(where / "student", student_config, s2.params))
         if cfg.run_baseline:
-            base = run_stage(f"{pair} baseline", "task", cfg.baseline, student_config,
-                             student_params, data["train"], data["dev"],
-                             ckpt_dir=ckpt / "baseline", **common)
+            base = stage(f"{pair} baseline", TaskObjective(), cfg.baseline, student_config,
+                         student_params, ckpt / "baseline")
             rows.append({"model": "baseline (no KD)", "approx": pair,
                          "dev": base.dev.get("main"),
                          "test": test_score(student_config, base.params, f"{pair} baseline test")})
@@ -183,8 +215,9 @@ def run_pipeline(cfg: DistillConfig, *, fresh: bool = False) -> dict[str, Any]:
         row["vs_teacher"] = row["test"]["main"] / teacher_main if teacher_main else None
     results = {"name": cfg.name, "task": cfg.task, "sizes": {k: len(v) for k, v in data.items()},
                "rows": rows, "exports": exports, "seconds": round(time.time() - start, 1)}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(format_table(results) + "\n")
+    if parallel.is_primary():
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "results.md").write_text(format_table(results) + "\n")
     run_log.write(event="results", **results)
     return results
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints written as PyTorch-named safetensors."""
+"""Shared fixtures: tiny random Hugging Face checkpoints written as PyTorch-named safetensors,
+and a learnable synthetic tokenized split for training tests."""
 
 import json
 from pathlib import Path
@@ -74,3 +75,41 @@ def plaintext_logits(model_dir, texts, length):
     ids, mask = tokenize(tokenizer, texts, length)
     return np.asarray(make_private_forward(config)(params, *encode_client_inputs(config, ids,
                                                                                   mask)))
+
+
+def make_synthetic_split(n: int, seed: int, vocab: int = 128, max_len: int = 24):
+    """Random sentences; the label says whether most tokens come from the lower half of the
+    vocabulary, so a small model can learn it."""
+    from mpcformer_jax.data import TokenizedSplit
+
+    rng = np.random.default_rng(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        length = int(rng.integers(6, max_len + 1))
+        label = int(rng.integers(0, 2))
+        lo, hi = (2, vocab // 2) if label else (vocab // 2, vocab)
+        body = np.where(rng.random(length - 2) < 0.8, rng.integers(lo, hi, length - 2),
+                        rng.integers(2, vocab, length - 2))
+        ids.append(np.concatenate([[1], body, [1]]).astype(np.int32))
+        labels.append(label)
+    types = [np.zeros_like(x) for x in ids]
+    return TokenizedSplit(ids, types, np.asarray(labels, np.int32), max_len, 0)
+
+
+@pytest.fixture
+def synthetic_split():
+    """``synthetic_split(n, seed)``: a learnable random TokenizedSplit (see above)."""
+    return make_synthetic_split
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny BERT with MiniLM's vocabulary and tokenizer, as a checkpoint folder."""
+    from mpcformer_jax.models import BertConfig, init_params, load_pretrained, save_pretrained
+
+    _, _, tokenizer = load_pretrained("minilm-l6")
+    cfg = BertConfig.tiny(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    params = init_params(cfg, 0)
+    del params["classifier"]  # like a base encoder: the pipeline sizes a new head
+    flat = {"bert": params["bert"]}
+    return save_pretrained(tmp_path_factory.mktemp("tiny") / "model", cfg, flat, tokenizer)

@@ -107,3 +107,19 @@ def test_unknown_names_list_valid_ones():
         approx.get_activation("cubic")
     with pytest.raises(ValueError, match="Available softmax approximations are: .*2quad"):
         approx.get_normaliser("3quad")
+
+
+@pytest.mark.parametrize("name", sorted(approx.SOFTMAX_APPROX))
+def test_reordered_attention_equals_probs_times_values(name):
+    """``values=`` (mask on v, division after P.V) gives the same context as probs @ v."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    scores = jax.random.normal(keys[0], (2, 3, 4, 6)) * 2.0
+    values = jax.random.normal(keys[1], (2, 6, 3, 5))
+    mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], jnp.float32)[:, None, None, :]
+    fn = approx.get_normaliser(name)
+    expected = jnp.einsum("bhqk,bkhd->bhqd", fn(scores, mask), values)
+    weights, masked_values, recip = fn(scores, mask, values=values)
+    got = jnp.einsum("bhqk,bkhd->bhqd", weights, masked_values)
+    if recip is not None:
+        got = got * recip
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -2,12 +2,8 @@
 
 import json
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from mpcformer_jax import approx
 from mpcformer_jax.bench import network, report
 from mpcformer_jax.bench.measure import extrapolate
 from mpcformer_jax.bench.variants import SHAPES, get_variants
@@ -79,22 +75,6 @@ def test_store_rows_and_writers(tmp_path):
     json.dumps(rows)
 
 
-@pytest.mark.parametrize("name", sorted(approx.SOFTMAX_APPROX))
-def test_reordered_attention_equals_probs_times_values(name):
-    """``values=`` (mask on v, division after P.V) gives the same context as probs @ v."""
-    keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    scores = jax.random.normal(keys[0], (2, 3, 4, 6)) * 2.0
-    values = jax.random.normal(keys[1], (2, 6, 3, 5))
-    mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], jnp.float32)[:, None, None, :]
-    fn = approx.get_normaliser(name)
-    expected = jnp.einsum("bhqk,bkhd->bhqd", fn(scores, mask), values)
-    weights, masked_values, recip = fn(scores, mask, values=values)
-    got = jnp.einsum("bhqk,bkhd->bhqd", weights, masked_values)
-    if recip is not None:
-        got = got * recip
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_unknown_variant_lists_valid():
     with pytest.raises(ValueError, match="available: exact"):
         get_variants(["nope"])
@@ -111,25 +91,3 @@ def test_small_run_two_variants(tmp_path):
     assert sum(g["bytes"] for g in rows["quad+2quad"]["groups"].values()) > 0
     for suffix in ("_raw.json", ".json", ".md", ".png"):
         assert (tmp_path / f"benchmark{suffix}").exists()
-
-
-def test_accuracy_table_keeps_rows_of_other_runs(tmp_path, capsys):
-    """Evaluating run B must not drop run A's rows; an unfinished run is skipped, not erased."""
-    from experiments import accuracy
-
-    row = {"task": "rt", "model": "teacher", "approx": "gelu+softmax", "plain_acc": 0.8,
-           "n_test": 10, "private_acc": 0.75, "n_private": 4, "plain_acc_subset": 0.75,
-           "agreement": 1.0}
-    stored = [{**row, "run": "a"}, {**row, "run": "b"}]
-    (tmp_path / "accuracy.json").write_text(json.dumps(stored))
-    (tmp_path / "b").mkdir()  # no results.json: still training
-    rows = accuracy.main([str(tmp_path / "b"), "--out", str(tmp_path),
-                          "--benchmark", str(tmp_path / "none.json")])
-    assert [r["run"] for r in rows] == ["a", "b"]
-    assert "skipping" in capsys.readouterr().out
-    md = (tmp_path / "accuracy.md").read_text()
-    assert "| a (rt) | gelu+softmax | teacher |" in md and "0.7500 (n=4)" in md
-    with pytest.raises(SystemExit):  # a wrong path is an error, not an unfinished run
-        accuracy.main([str(tmp_path / "typo"), "--out", str(tmp_path)])
-    assert "no such run folder" in capsys.readouterr().err
-    assert json.loads((tmp_path / "accuracy.json").read_text()) == stored  # nothing lost

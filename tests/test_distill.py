@@ -1,6 +1,5 @@
 """The pipeline and its entry point: config validation before any work, overrides, config
-files, students with a layer map, data parallelism over 4 forced host devices, and a whole
-pipeline run on a tiny checkpoint."""
+files, students with a layer map, and a whole pipeline run on a tiny checkpoint."""
 
 import importlib
 import json
@@ -8,7 +7,6 @@ import os
 import pkgutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,8 @@ import pytest
 
 import experiments.configs
 from experiments import distill
-from mpcformer_jax.models import BertConfig, init_params, load_pretrained, save_pretrained
+from experiments.configs import common
+from mpcformer_jax.models import BertConfig, init_params, load_pretrained
 from mpcformer_jax.pipeline import check_config, default_layer_map, make_student, run_pipeline
 from mpcformer_jax.train.config import DistillConfig, StageConfig, apply_overrides
 
@@ -64,6 +63,57 @@ def test_cli_reports_bad_configs_and_unknown_keys(capsys):
     assert "exceeds the 512 positions" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spec", ["common", "__init__", "", "common:smoke", "configs.default"])
+def test_cli_names_the_valid_configs_for_a_module_that_is_not_one(spec, capsys):
+    assert distill.main(["--config", spec, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"Unknown config {spec.partition(':')[0]!r}. Available configs are: " \
+        "banking77_full, clinc150_full" in err
+    assert "default" in err and "common" not in err.split("Available")[1]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage1.learning_rate=nan", "learning_rate must be a finite number > 0, got nan"),
+    ("stage1.learning_rate=inf", "learning_rate must be a finite number > 0, got inf"),
+    ("stage2.learning_rate=-1e-4", "learning_rate must be a finite number > 0, got -0.0001"),
+    ("teacher.weight_decay=-1", "weight_decay must be a finite number >= 0"),
+    ("baseline.clip_norm=nan", "clip_norm must be a finite number >= 0"),
+    ("stage1.warmup_ratio=1", "warmup_ratio must be a finite number in [0, 1)"),
+    ("stage1.batch_size=-1", "batch_size must be >= 1, got -1"),
+    ("stage1.batch_size=0", "batch_size must be >= 1, got 0"),
+    ("stage1.epochs=-1", "epochs must be >= 0, got -1"),
+    ("stage1.epochs=1.5", "stage1.epochs=1.5: expected an integer"),
+    ("stage1.evals_per_epoch=0", "evals_per_epoch must be >= 1"),
+    ("eval_batch_size=0", "eval_batch_size must be >= 1"),
+    ("temperature=nan", "temperature must be a finite number > 0, got nan"),
+    ("layerwise_weights=nan,1,1", "layerwise_weights must be 3 weights >= 0 and finite"),
+    ("buckets=0,64", "buckets (0, 64) must be lengths >= 2"),
+    ("buckets=16,x", "buckets=16,x: expected comma-separated integers"),
+    ("run_baseline=maybe", "run_baseline=maybe: expected true or false"),
+    ("model=", "model is empty"),
+    ("out_dir=", "out_dir is empty"),
+    ("stage1=2", "is a group"),
+    ("stage1.epochs", "must read key=value"),
+])
+def test_cli_rejects_bad_values_with_a_clear_error(override, message, capsys):
+    assert distill.main(["--set", override, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_zero_epochs_is_a_valid_way_to_skip_a_stage(capsys):
+    assert distill.main(["--set", "stage1.epochs=0", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["stage1"]["epochs"] == 0
+
+
+def test_fresh_never_deletes_a_folder_that_holds_no_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty and holds no run"):
+        run_pipeline(DistillConfig(out_dir=str(tmp_path)), fresh=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_overrides_parse_by_field_type():
     cfg = apply_overrides(DistillConfig(), [
         "stage1.epochs=2", "stage2.learning_rate=3e-5", "approximations=quad+2quad,quad+2relu",
@@ -79,6 +129,7 @@ def test_every_config_file_builds_validates_and_documents_its_command():
     names = [m.name for m in pkgutil.iter_modules(experiments.configs.__path__)
              if m.name != "common"]
     assert "default" in names and len(names) >= 4
+    assert distill.config_names() == sorted(names)
     for name in names:
         module = importlib.import_module(f"experiments.configs.{name}")
         assert "python -m experiments.distill" in module.__doc__, name
@@ -86,11 +137,23 @@ def test_every_config_file_builds_validates_and_documents_its_command():
             cfg = distill.load_config(f"{name}:{variant}" if variant else name)
             check_config(cfg)
         assert distill.load_config(f"{name}:smoke").out_dir.endswith("_smoke")
+        if name != "default":  # the *_full configs: the 2-core run on every example
+            full, cpu_full = distill.load_config(name), distill.load_config(f"{name}:cpu_full")
+            check_config(cpu_full)
+            assert (cpu_full.max_train, cpu_full.approximations) == (0, ("quad+2quad",))
+            assert cpu_full.buckets[-1] == full.max_length and len(cpu_full.buckets) > \
+                len(full.buckets)
+            assert (cpu_full.teacher, cpu_full.stage1) == (full.teacher, full.stage1)
+            assert cpu_full.out_dir == f"{full.out_dir}_cpu_full"
     pairs = distill.load_config("default:pairs")
     assert len(pairs.approximations) == 4
     assert pairs.out_dir != distill.load_config("default").out_dir
     with pytest.raises(ValueError, match="available: smoke, pairs"):
         distill.load_config("default:nope")
+    with pytest.raises(ValueError, match="available: smoke, cpu_full, cpu"):
+        distill.load_config("rt_full:nope")
+    assert common.fine_buckets(64) == (16, 24, 32, 48, 64)
+    assert common.fine_buckets(32) == (16, 24, 32) and common.fine_buckets(100)[-2:] == (96, 100)
 
 
 # ------------------------------------------------------------------ students
@@ -111,63 +174,7 @@ def test_student_copies_the_mapped_teacher_layers():
     assert np.any(teacher["bert"]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"] != 0)
 
 
-# ------------------------------------------------------------------ data parallel
-
-_DP_SCRIPT = textwrap.dedent("""
-    import sys, jax, numpy as np
-    sys.path.insert(0, "tests")
-    from test_train import synthetic_split, TEACHER, STUDENT, BUCKETS
-    from mpcformer_jax.models import init_params
-    from mpcformer_jax.train import loop, parallel
-    from mpcformer_jax.train.config import StageConfig
-    from mpcformer_jax.train.evaluation import JsonlLog
-    out = sys.argv[1]
-    mesh = parallel.make_mesh()
-    r = loop.run_stage("stage1", "layerwise", StageConfig(epochs=1, batch_size=16, max_steps=3),
-                       STUDENT, init_params(STUDENT, 1), synthetic_split(64, 0),
-                       synthetic_split(32, 1), metric_names=("accuracy",), ckpt_dir=out + "/ckpt",
-                       log=JsonlLog(out + "/m.jsonl"), mesh=mesh, buckets=BUCKETS,
-                       eval_batch_size=16, teacher_config=TEACHER,
-                       teacher_params=init_params(TEACHER, 0), layer_map=(0, 1))
-    leaves = jax.tree_util.tree_leaves(r.params)
-    np.savez(out + "/params.npz", *[np.asarray(x) for x in leaves])
-    print("DEVICES", jax.device_count(), len(leaves[0].sharding.device_set))
-""")
-
-
-def _run_stage_in_subprocess(tmp_path, devices: int) -> list[np.ndarray]:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu"}
-    out = tmp_path / f"dp{devices}"
-    out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"DEVICES {devices} {devices}" in proc.stdout
-    data = np.load(out / "params.npz")
-    return [data[k] for k in data.files]
-
-
-@pytest.mark.slow  # two subprocesses, each importing jax and compiling: ~40 s
-def test_data_parallel_over_four_devices_matches_one(tmp_path):
-    four = _run_stage_in_subprocess(tmp_path, 4)
-    one = _run_stage_in_subprocess(tmp_path, 1)
-    for a, b in zip(four, one, strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-
-
 # ------------------------------------------------------------------ whole pipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random tiny BERT with MiniLM's vocabulary and tokenizer, as a checkpoint folder."""
-    _, _, tokenizer = load_pretrained("minilm-l6")
-    cfg = BertConfig.tiny(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
-    params = init_params(cfg, 0)
-    del params["classifier"]  # like a base encoder: the pipeline sizes a new head
-    flat = {"bert": params["bert"]}
-    return save_pretrained(tmp_path_factory.mktemp("tiny") / "model", cfg, flat, tokenizer)
 
 
 @pytest.mark.slow  # every stage of the pipeline compiled once: ~40 s
@@ -234,3 +241,18 @@ def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path, tiny_checkpoint)
     assert rows[0] == rows[1]
     weights = [(d / "student" / "model.safetensors").read_bytes() for d in (tmp_path / "ref", out)]
     assert weights[0] == weights[1]
+
+
+@pytest.mark.slow  # compiles every stage's step at two lengths: ~20 s
+def test_profile_run_estimates_every_stage_of_a_config(tiny_checkpoint, capsys):
+    from experiments import profile_run
+
+    out = profile_run.main(["--config", "default:smoke", "--set", f"model={tiny_checkpoint}",
+                            "--set", "max_length=32", "--set", "buckets=16,32", "--steps", "2"])
+    assert [r["stage"] for r in out["rows"]] == ["teacher", "stage1", "stage2", "baseline"]
+    for row in out["rows"]:
+        assert row["steps"] == 4  # smoke: max_steps=4
+        assert {length for length, _, _ in row["cells"]} <= {16, 32}
+        assert all(n > 0 and s > 0 for _, n, s in row["cells"])
+    assert out["total_s"] == pytest.approx(out["train_s"] + out["compile_s"] + out["eval_s"])
+    assert "estimated wall time" in capsys.readouterr().out

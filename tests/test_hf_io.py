@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 from mpcformer_jax.models import (
     BertConfig,
     CheckpointError,
+    forward,
     init_params,
     load_pretrained,
     resolve_checkpoint,
@@ -35,6 +36,37 @@ def test_round_trip_keeps_params_and_approximations(tmp_path):
     # The file stays loadable by transformers: hidden_act is a name it knows.
     saved = json.loads((tmp_path / "student" / "config.json").read_text())
     assert saved["hidden_act"] == "gelu" and saved["mpcformer"]["softmax_act"] == "2relu"
+
+
+def test_transformers_flax_class_loads_an_exported_model_to_the_same_logits(tmp_path):
+    """An exported exact model is an ordinary HF checkpoint: transformers' own Flax class
+    reads its safetensors (``from_pt``: PyTorch key names, no torch needed) and computes our
+    logits. With approximations the file still loads, but transformers runs exact GeLU and
+    softmax, so only our loader reproduces a student."""
+    from transformers import FlaxBertForSequenceClassification
+
+    config = BertConfig.tiny(num_labels=3, label_names=("neg", "neu", "pos"),
+                             type_vocab_size=2)
+    params = init_params(config, 7)
+    # A random head's logits are ~0.01; scaled to ~1 so that 1e-4 is a tight tolerance.
+    params["classifier"]["kernel"] = params["classifier"]["kernel"] * 100.0
+    ids = np.array([[2, 15, 9, 41, 3, 0, 0], [2, 7, 88, 5, 60, 12, 3]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    types = np.array([[0, 0, 0, 1, 1, 0, 0], [0] * 7], np.int32)
+    ours = np.asarray(forward(config, params, ids, mask, types))
+    for name, (act, norm) in {"exact": ("gelu", "softmax"), "student": ("quad", "2quad")}.items():
+        cfg = config.with_approx(act, norm)
+        folder = save_pretrained(tmp_path / name, cfg, params)
+        hf = FlaxBertForSequenceClassification.from_pretrained(folder, from_pt=True)
+        hf_logits = np.asarray(hf(ids, attention_mask=mask, token_type_ids=types).logits)
+        assert hf.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+        assert np.abs(hf_logits).max() > 0.5
+        if name == "exact":
+            np.testing.assert_allclose(hf_logits, ours, atol=1e-4)
+        else:
+            student = np.asarray(forward(cfg, params, ids, mask, types))
+            assert np.abs(hf_logits - ours).max() < 1e-4  # transformers ran the exact model
+            assert np.abs(student - ours).max() > 1e-2  # ours ran quad and 2quad
 
 
 def test_round_trip_real_minilm_with_tokenizer(tmp_path):

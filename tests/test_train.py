@@ -8,30 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpcformer_jax.data import TokenizedSplit
 from mpcformer_jax.models import BertConfig, init_params
 from mpcformer_jax.train import loop, losses, parallel
 from mpcformer_jax.train.config import StageConfig
 from mpcformer_jax.train.evaluation import JsonlLog
+from mpcformer_jax.train.objectives import LayerwiseObjective, PredictionObjective, TaskObjective
 from mpcformer_jax.train.optim import decay_mask
-
-
-def synthetic_split(n: int, seed: int, vocab: int = 128, max_len: int = 24) -> TokenizedSplit:
-    """Random sentences; the label says whether most tokens come from the lower half of the
-    vocabulary, so a small model can learn it."""
-    rng = np.random.default_rng(seed)
-    ids, labels = [], []
-    for _ in range(n):
-        length = int(rng.integers(6, max_len + 1))
-        label = int(rng.integers(0, 2))
-        lo, hi = (2, vocab // 2) if label else (vocab // 2, vocab)
-        body = np.where(rng.random(length - 2) < 0.8, rng.integers(lo, hi, length - 2),
-                        rng.integers(2, vocab, length - 2))
-        ids.append(np.concatenate([[1], body, [1]]).astype(np.int32))
-        labels.append(label)
-    types = [np.zeros_like(x) for x in ids]
-    return TokenizedSplit(ids, types, np.asarray(labels, np.int32), max_len, 0)
-
 
 TEACHER = BertConfig.tiny(num_labels=2, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0)
@@ -39,12 +21,16 @@ STUDENT = TEACHER.with_approx("quad", "2quad")
 BUCKETS = (16, 24)
 
 
-def _run(tmp_path, name, kind, config, params, stage, train, teacher=None, **kw):
-    return loop.run_stage(name, kind, stage, config, params, train, synthetic_split(32, 9),
-                          metric_names=("accuracy",), ckpt_dir=tmp_path / "ckpt" / name,
-                          log=JsonlLog(tmp_path / "metrics.jsonl"), mesh=parallel.make_mesh(),
-                          buckets=BUCKETS, eval_batch_size=16, teacher_config=TEACHER,
-                          teacher_params=teacher, **kw)
+def _run(tmp_path, name, objective, config, params, stage, data):
+    ctx = loop.RunContext(mesh=parallel.make_mesh(), log=JsonlLog(tmp_path / "metrics.jsonl"),
+                          metric_names=("accuracy",), buckets=BUCKETS, eval_batch_size=16)
+    train, dev = data
+    return loop.run_stage(name, objective, stage, config, params, train, dev,
+                          tmp_path / "ckpt" / name, ctx)
+
+
+def _layerwise(teacher_params, layer_map=(0, 1)):
+    return LayerwiseObjective(TEACHER, teacher_params, layer_map)
 
 
 def _losses(tmp_path, stage):
@@ -109,16 +95,17 @@ def test_weight_decay_skips_biases_and_layernorm():
     assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"]
 
 
-def test_both_stages_end_to_end_and_the_loss_falls(tmp_path):
-    train = synthetic_split(256, 0)
-    teacher = _run(tmp_path, "teacher", "task", TEACHER, init_params(TEACHER, 0),
-                   StageConfig(epochs=4, batch_size=16, learning_rate=3e-3), train)
+@pytest.mark.slow  # three stages trained to a learnt task: ~25 s
+def test_both_stages_end_to_end_and_the_loss_falls(tmp_path, synthetic_split):
+    data = synthetic_split(256, 0), synthetic_split(32, 9)
+    teacher = _run(tmp_path, "teacher", TaskObjective(), TEACHER, init_params(TEACHER, 0),
+                   StageConfig(epochs=4, batch_size=16, learning_rate=3e-3), data)
     assert teacher.dev["accuracy"] > 0.7
     stage = StageConfig(epochs=2, batch_size=16, learning_rate=2e-3)
-    s1 = _run(tmp_path, "stage1", "layerwise", STUDENT, teacher.params, stage, train,
-              teacher.params, layer_map=(0, 1))
-    s2 = _run(tmp_path, "stage2", "prediction", STUDENT, s1.params, stage, train,
-              teacher.params, temperature=2.0)
+    s1 = _run(tmp_path, "stage1", _layerwise(teacher.params), STUDENT, teacher.params, stage,
+              data)
+    s2 = _run(tmp_path, "stage2", PredictionObjective(TEACHER, teacher.params, 2.0), STUDENT,
+              s1.params, stage, data)
     for name in ("teacher", "stage1", "stage2"):
         curve = _losses(tmp_path, name)
         assert np.mean(curve[-2:]) < curve[0], (name, curve)
@@ -128,29 +115,40 @@ def test_both_stages_end_to_end_and_the_loss_falls(tmp_path):
                            jax.device_get(teacher.params))
 
 
-def test_fewer_student_layers_with_a_layer_map(tmp_path):
+def test_fewer_student_layers_with_a_layer_map(tmp_path, synthetic_split):
+    data = synthetic_split(64, 0), synthetic_split(32, 9)
     student = STUDENT.replace(num_hidden_layers=1)
     params = init_params(student, 1)
-    result = _run(tmp_path, "stage1", "layerwise", student, params,
-                  StageConfig(epochs=1, batch_size=16, max_steps=3), synthetic_split(64, 0),
-                  init_params(TEACHER, 0), layer_map=(1,))
+    result = _run(tmp_path, "stage1", _layerwise(init_params(TEACHER, 0), (1,)), student,
+                  params, StageConfig(epochs=1, batch_size=16, max_steps=3), data)
     assert result.steps == 3
     with pytest.raises(ValueError, match="layer_map"):
-        _run(tmp_path, "bad", "layerwise", student, params, StageConfig(max_steps=1),
-             synthetic_split(64, 0), init_params(TEACHER, 0), layer_map=(5,))
+        _run(tmp_path, "bad", _layerwise(init_params(TEACHER, 0), (5,)), student, params,
+             StageConfig(max_steps=1), data)
+
+
+def test_zero_epochs_skips_the_stage(tmp_path, synthetic_split):
+    params = init_params(TEACHER, 0)
+    result = _run(tmp_path, "teacher", TaskObjective(), TEACHER, params,
+                  StageConfig(epochs=0), (synthetic_split(32, 0), synthetic_split(32, 9)))
+    assert (result.steps, result.dev) == (0, {})
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                           jax.device_get(result.params))
+    assert not (tmp_path / "ckpt").exists()
 
 
 class _Crash(RuntimeError):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_params(tmp_path, monkeypatch):
-    train = synthetic_split(96, 3)
+@pytest.mark.slow  # four runs of one stage: ~25 s
+def test_interrupted_run_resumes_to_the_same_params(tmp_path, monkeypatch, synthetic_split):
+    data = synthetic_split(96, 3), synthetic_split(32, 9)
     stage = StageConfig(epochs=2, batch_size=16, learning_rate=1e-3, checkpoint_every=4)
     teacher = init_params(TEACHER, 0)
     start = init_params(STUDENT, 5)
-    reference = _run(tmp_path / "a", "stage1", "layerwise", STUDENT, start, stage, train,
-                     teacher, layer_map=(0, 1))
+    reference = _run(tmp_path / "a", "stage1", _layerwise(teacher), STUDENT, start, stage,
+                     data)
 
     # Crash at step 11 (epoch 1): the last checkpoint is step 8 (checkpoint_every=4), so
     # steps 9-11 are lost and redone mid-epoch.
@@ -164,26 +162,25 @@ def test_interrupted_run_resumes_to_the_same_params(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_LOG_EVERY", 1)
     monkeypatch.setattr(JsonlLog, "write", crashing_write)
     with pytest.raises(_Crash):
-        _run(tmp_path / "b", "stage1", "layerwise", STUDENT, start, stage, train, teacher,
-             layer_map=(0, 1))
+        _run(tmp_path / "b", "stage1", _layerwise(teacher), STUDENT, start, stage, data)
     monkeypatch.setattr(JsonlLog, "write", real_write)
-    resumed = _run(tmp_path / "b", "stage1", "layerwise", STUDENT, start, stage, train,
-                   teacher, layer_map=(0, 1))
+    resumed = _run(tmp_path / "b", "stage1", _layerwise(teacher), STUDENT, start, stage,
+                   data)
     assert resumed.resumed_from == 8
     assert resumed.best_step == reference.best_step
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(reference.params),
                            jax.device_get(resumed.params))
     # Running the finished stage again trains nothing and returns the same params.
-    again = _run(tmp_path / "b", "stage1", "layerwise", STUDENT, start, stage, train, teacher,
-                 layer_map=(0, 1))
+    again = _run(tmp_path / "b", "stage1", _layerwise(teacher), STUDENT, start, stage, data)
     assert again.resumed_from == again.steps
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(reference.params),
                            jax.device_get(again.params))
 
 
-def test_nan_loss_stops_with_stage_and_step(tmp_path):
+def test_nan_loss_stops_with_stage_and_step(tmp_path, synthetic_split):
     stage = StageConfig(epochs=1, batch_size=16, learning_rate=1e30, warmup_ratio=0.0,
                         clip_norm=0.0)
     params = jax.tree_util.tree_map(lambda x: x * 1e20, init_params(TEACHER, 0))
     with pytest.raises(loop.NonFiniteLossError, match=r"Stage 'teacher'.* at step \d+"):
-        _run(tmp_path, "teacher", "task", TEACHER, params, stage, synthetic_split(64, 0))
+        _run(tmp_path, "teacher", TaskObjective(), TEACHER, params, stage,
+             (synthetic_split(64, 0), synthetic_split(32, 9)))

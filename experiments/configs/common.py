@@ -72,10 +72,37 @@ def cpu(cfg: DistillConfig, max_train: int, epochs: tuple[int, int, int]) -> Dis
         out_dir=f"{cfg.out_dir}_cpu")
 
 
+# Padded lengths of the 2-core full runs. Step time grows about linearly with the padded
+# length at these sizes (MiniLM-L6, batch 32: 0.74 s at 32 tokens, 1.6 s at 64), and with
+# batches grouped by length, lengths 8 apart cut the padded tokens of an rt epoch from 1.55x
+# to 1.21x the real ones (trec 1.44x -> 1.33x, banking77 1.45x -> 1.31x); each extra length
+# costs one compilation per stage (~15 s). Measured in experiments/configs/RESULTS.md.
+FINE_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def fine_buckets(max_length: int) -> tuple[int, ...]:
+    """FINE_BUCKETS up to ``max_length``, ending on it."""
+    return (*(b for b in FINE_BUCKETS if b < max_length), max_length)
+
+
+def cpu_full(cfg: DistillConfig) -> DistillConfig:
+    """The 2-CPU-core full run: every training example, quad+2quad only, the full config's
+    epochs and rates, finer length buckets (``fine_buckets``).
+
+    Sized from ``python -m experiments.profile_run`` to about 2 hours per task on 2 cores
+    with ``XLA_FLAGS=--xla_cpu_use_thunk_runtime=false`` (see RESULTS.md).
+    """
+    return dataclasses.replace(
+        cfg, name=f"{cfg.name} (cpu, all examples)", max_train=0,
+        approximations=("quad+2quad",), buckets=fine_buckets(cfg.max_length),
+        out_dir=f"{cfg.out_dir}_cpu_full")
+
+
 def variant_of(cfg: DistillConfig, variant: str, cpu_variant: DistillConfig | None = None,
                config_name: str = "") -> DistillConfig:
-    """Picks "" (the config), "smoke" or "cpu"; an unknown variant names the valid ones."""
-    choices = {"": cfg, "smoke": smoke(cfg)}
+    """Picks "" (the config), "smoke", "cpu" or "cpu_full"; an unknown variant names the
+    valid ones."""
+    choices = {"": cfg, "smoke": smoke(cfg), "cpu_full": cpu_full(cfg)}
     if cpu_variant is not None:
         choices["cpu"] = cpu_variant
     if variant not in choices:

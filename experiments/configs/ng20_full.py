@@ -6,6 +6,11 @@ Commands:
     python -m experiments.distill --config ng20_full
     # the subsampled quad+2quad run measured for the results table, on 2 CPU cores
     python -m experiments.distill --config ng20_full:cpu
+    # every training example, quad+2quad only, finer length buckets: the 2-core full run
+    # (not profiled);
+    # the XLA flag selects XLA:CPU's faster legacy runtime
+    XLA_FLAGS=--xla_cpu_use_thunk_runtime=false \
+        python -m experiments.distill --config ng20_full:cpu_full
     # ~3 min pipeline check
     python -m experiments.distill --config ng20_full:smoke
 
@@ -25,6 +30,7 @@ from mpcformer_jax.train.config import DistillConfig
 
 
 def get_config(variant: str = "") -> DistillConfig:
-    """The full config; variants "cpu" (the measured subsampled run) and "smoke"."""
+    """The full config; variants "cpu" (the measured subsampled run), "cpu_full" (every
+    example, quad+2quad, sized for 2 CPU cores) and "smoke"."""
     cfg = full("20ng", max_length=128, buckets=(64, 128), out_dir="runs/ng20_full")
     return variant_of(cfg, variant, cpu(cfg, max_train=3000, epochs=(3, 3, 2)), "ng20_full")

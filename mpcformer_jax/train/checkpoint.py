@@ -23,10 +23,34 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def _options() -> ocp.CheckpointManagerOptions:
-    return ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                        enable_async_checkpointing=False,
-                                        cleanup_tmp_directories=True)
+def _key_value_try_get(client, key: str) -> str:
+    # The key's value if the coordination service holds it, else the JaxRuntimeError that
+    # jaxlib's own key_value_try_get raises; 1 ms is the shortest wait the blocking get takes.
+    return client.blocking_key_value_get(key, 1)
+
+
+def _support_orbax_across_processes() -> None:
+    """Lets orbax 0.11.5 save from several processes on jaxlib 0.4.34 (pinned by SPU).
+
+    Across processes, orbax reads its commit-signal contract with
+    ``DistributedRuntimeClient.key_value_try_get``, which jaxlib gained after 0.4.34: every
+    multi-process save fails with an AttributeError without it. This adds the missing method,
+    built on ``blocking_key_value_get``; nothing that exists is replaced, and a jaxlib that has
+    the method keeps its own.
+    """
+    from jax._src.lib import xla_extension
+
+    client_type = xla_extension.DistributedRuntimeClient
+    if not hasattr(client_type, "key_value_try_get"):
+        client_type.key_value_try_get = _key_value_try_get
+
+
+def _options(barrier_prefix: str) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=barrier_prefix))
 
 
 def _abstract(tree):
@@ -42,13 +66,26 @@ class StageCheckpoints:
         folder says what produced it.
     """
 
+    _instances = 0  # StageCheckpoints made by this process so far
+
     def __init__(self, directory: str | Path, config: dict[str, Any] | None = None):
         self.directory = Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
-        if config is not None:
+        if jax.process_count() > 1:
+            _support_orbax_across_processes()
+        if config is not None and jax.process_index() == 0:
             (self.directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        self._last = ocp.CheckpointManager(self.directory / "last", options=_options())
-        self._best = ocp.CheckpointManager(self.directory / "best", options=_options())
+        # Across processes, orbax names its barriers "<prefix>_CheckpointManager:finalize.<step>"
+        # and a barrier id may be used once per run: best and last both save the step of an
+        # evaluation, and every stage saves its own small step numbers. A per-instance prefix
+        # keeps them apart; it is the same in every process, which runs the same stages in
+        # the same order.
+        StageCheckpoints._instances += 1
+        prefix = f"stage{StageCheckpoints._instances}"
+        self._last = ocp.CheckpointManager(self.directory / "last",
+                                           options=_options(f"{prefix}_last"))
+        self._best = ocp.CheckpointManager(self.directory / "best",
+                                           options=_options(f"{prefix}_best"))
 
     # ------------------------------------------------------------------ last state
     def save_last(self, step: int, state, meta: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ fields with ``--set stage1.epochs=2``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -51,10 +52,21 @@ class StageConfig:
         for name in ("epochs", "checkpoint_every", "max_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if self.batch_size < 1 or self.evals_per_epoch < 1:
-            raise ValueError("batch_size and evals_per_epoch must be >= 1.")
-        if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("learning_rate must be > 0 and warmup_ratio in [0, 1).")
+        for name in ("batch_size", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        # NaN compares false with everything, so "lr <= 0" alone lets it through: test
+        # finiteness first.
+        _check_float("learning_rate", self.learning_rate, "> 0", lambda v: v > 0)
+        _check_float("warmup_ratio", self.warmup_ratio, "in [0, 1)", lambda v: 0 <= v < 1)
+        _check_float("weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+        _check_float("clip_norm", self.clip_norm, ">= 0 (0 disables clipping)",
+                     lambda v: v >= 0)
+
+
+def _check_float(name: str, value: float, rule: str, ok) -> None:
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be a finite number {rule}, got {value}.")
 
 
 def parse_pair(pair: str) -> tuple[str, str]:
@@ -131,16 +143,24 @@ class DistillConfig:
             raise ValueError(f"approximations has duplicates: {self.approximations}.")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
-        if self.buckets and max(self.buckets) < self.max_length:
-            raise ValueError(f"buckets {self.buckets} must reach max_length {self.max_length}.")
+        if self.buckets and (max(self.buckets) < self.max_length or min(self.buckets) < 2):
+            raise ValueError(f"buckets {self.buckets} must be lengths >= 2 that reach "
+                             f"max_length {self.max_length}.")
         if self.layer_map and self.student_layers and len(self.layer_map) != self.student_layers:
             raise ValueError(f"layer_map {self.layer_map} has {len(self.layer_map)} entries "
                              f"for student_layers={self.student_layers}.")
-        if len(self.layerwise_weights) != 3 or min(self.layerwise_weights) < 0:
-            raise ValueError(f"layerwise_weights must be 3 weights >= 0 (embedding, hidden, "
-                             f"attention), got {self.layerwise_weights}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if len(self.layerwise_weights) != 3 or \
+                not all(math.isfinite(w) and w >= 0 for w in self.layerwise_weights):
+            raise ValueError(f"layerwise_weights must be 3 weights >= 0 and finite (embedding, "
+                             f"hidden, attention), got {self.layerwise_weights}.")
+        _check_float("temperature", self.temperature, "> 0", lambda v: v > 0)
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}.")
+        if not self.model.strip():
+            raise ValueError("model is empty: name a checkpoint (e.g. minilm-l6) or a folder "
+                             "holding config.json and the weights.")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir is empty: name the run's folder, e.g. runs/my_run.")
         for name in ("max_train", "max_dev", "max_test", "student_layers", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
@@ -158,7 +178,12 @@ def _convert(text: str, kind: Any, key: str) -> Any:
     if origin is tuple:
         item = typing.get_args(kind)[0]
         parts = [p.strip() for p in text.split(",") if p.strip()]
-        return tuple(_convert(p, item, key) for p in parts)
+        try:
+            return tuple(_convert(p, item, key) for p in parts)
+        except ValueError:
+            expected = {int: "integers", float: "numbers"}.get(item, f"{item.__name__}s")
+            raise ValueError(f"--set {key}={text}: expected comma-separated {expected}, "
+                             f"e.g. {key}=1,2.") from None
     if kind is bool:
         if text.lower() in ("1", "true", "yes"):
             return True
@@ -168,7 +193,8 @@ def _convert(text: str, kind: Any, key: str) -> Any:
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"--set {key}={text}: expected a {kind.__name__}.") from None
+        expected = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
+        raise ValueError(f"--set {key}={text}: expected {expected}.") from None
 
 
 def apply_overrides(config, overrides: list[str] | tuple[str, ...]):

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import time
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from mpcformer_jax.train import parallel
 from mpcformer_jax.train.checkpoint import StageCheckpoints
 from mpcformer_jax.train.config import StageConfig
 from mpcformer_jax.train.evaluation import MODEL_KEYS, JsonlLog, evaluate, progress
+from mpcformer_jax.train.objectives import Objective, device_put_teacher
 from mpcformer_jax.train.optim import learning_rate_schedule, make_optimizer
 from mpcformer_jax.train.steps import TrainState, make_predict_step, make_train_step
 
@@ -66,54 +66,62 @@ def _eval_points(steps_per_epoch: int, epochs: int, evals_per_epoch: int, total:
     return {p for p in points if p <= total} | {total}
 
 
-def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, params,
-              train: TokenizedSplit, dev: TokenizedSplit, *, metric_names: Sequence[str],
-              ckpt_dir: str | Path, log: JsonlLog, mesh: Mesh, seed: int = 0,
-              buckets: Sequence[int] | None = None, eval_batch_size: int = 64,
-              teacher_config: BertConfig | None = None, teacher_params=None,
-              layer_map: tuple[int, ...] = (), temperature: float = 1.0,
-              layerwise_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-              run_config: dict | None = None, select_best: bool = True) -> StageResult:
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunContext:
+    """What every stage of one run shares.
+
+    Attributes:
+      mesh: the data mesh; params are replicated, batches split over it.
+      log: the run's JSONL log.
+      metric_names: the task's metrics (``compute_metrics``); selection uses "main".
+      buckets: padded lengths of batches (None: powers of two up to the split's max_length).
+      eval_batch_size: batch size of dev evaluation.
+      seed: data order and dropout seed.
+      run_config: JSON dict of the run's config, written beside each stage's checkpoints.
+    """
+
+    mesh: Mesh
+    log: JsonlLog
+    metric_names: tuple[str, ...]
+    buckets: tuple[int, ...] | None = None
+    eval_batch_size: int = 64
+    seed: int = 0
+    run_config: dict | None = None
+
+
+def run_stage(name: str, objective: Objective, stage: StageConfig, config: BertConfig, params,
+              train: TokenizedSplit, dev: TokenizedSplit, ckpt_dir: str | Path,
+              ctx: RunContext) -> StageResult:
     """Trains ``params`` for one stage, resuming from ``ckpt_dir`` when it holds a checkpoint.
 
     Args:
       name: the stage's name in logs, progress bars and errors ("stage1", "teacher"...).
-      kind: "task", "layerwise" or "prediction" (see ``steps.make_train_step``).
+      objective: what the stage minimises (``objectives.py``), teacher included. Its
+        ``select_best`` says whether the best dev score picks the returned params (True) or
+        the latest evaluated ones do (False, stage 1).
       stage: the stage's optimisation settings.
       config: the trained model's config.
       params: its starting parameters.
       train, dev: tokenized splits; dev picks the best checkpoint.
-      metric_names: the task's metrics (``compute_metrics``); selection uses "main".
       ckpt_dir: the stage's checkpoint folder.
-      log: the run's JSONL log.
-      mesh: the data mesh; params are replicated, batches split over it.
-      seed: data order and dropout seed.
-      buckets: padded lengths of batches.
-      eval_batch_size: batch size of dev evaluation.
-      teacher_config, teacher_params: the frozen teacher (distillation kinds).
-      layer_map: teacher layer per student layer (stage 1).
-      temperature: stage-2 temperature.
-      layerwise_weights: stage-1 (embedding, hidden, attention) term weights.
-      run_config: JSON dict of the run's config, written beside the checkpoints.
-      select_best: keep the params of the best dev score; False keeps the latest evaluated
-        ones (stage 1: its student has no trained head for its new features, so dev accuracy
-        does not rank its checkpoints; the layer-wise loss is what it minimises).
+      ctx: what the run's stages share (mesh, log, metrics, buckets, seed...).
 
     Returns:
       StageResult with the best dev params.
 
     Raises:
       NonFiniteLossError: a NaN or inf loss, naming the stage and step.
-      ValueError: a training split smaller than one batch, or a batch size that does not
-        split over the devices.
+      ValueError: a training split smaller than one batch, a batch size that does not
+        split over the devices, or an objective that does not fit the model.
     """
     start = time.time()
+    mesh, log = ctx.mesh, ctx.log
     rep = parallel.replicated(mesh)
     params = jax.device_put(params, rep)
     if stage.epochs == 0:
         return StageResult(params, {}, 0, 0, 0, 0.0)
     parallel.check_batch_size(stage.batch_size, mesh)
-    parallel.check_batch_size(eval_batch_size, mesh)
+    parallel.check_batch_size(ctx.eval_batch_size, mesh)
     steps_per_epoch = len(train) // stage.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{name}: the training split has {len(train)} examples, fewer than "
@@ -124,17 +132,14 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
     evals = _eval_points(steps_per_epoch, stage.epochs, stage.evals_per_epoch, total)
 
     tx = make_optimizer(stage, total)
-    train_step = make_train_step(kind, config, tx, learning_rate_schedule(stage, total),
-                                 teacher_config=teacher_config, layer_map=layer_map,
-                                 temperature=temperature, layerwise_weights=layerwise_weights)
+    train_step = make_train_step(objective, config, tx, learning_rate_schedule(stage, total))
     predict = make_predict_step(config)
-    if teacher_params is not None:
-        teacher_params = jax.device_put(teacher_params, rep)
+    teacher_params = device_put_teacher(objective, rep)
     # The state is donated to train_step, so it gets its own buffers: the caller's params
     # (often the teacher's own arrays, for a student initialised from it) must survive.
     own = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
     state = jax.device_put(TrainState.create(own, tx), rep)
-    ckpts = StageCheckpoints(ckpt_dir, run_config)
+    ckpts = StageCheckpoints(ckpt_dir, ctx.run_config)
     meta = {"best_score": -math.inf, "best_step": -1, "best_dev": {}}
     restored = ckpts.restore_last(state)
     if restored is not None:
@@ -143,13 +148,13 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
     if restored is not None:
         log.write(stage=name, event="resumed", step=step, total_steps=total)
     # The stage name enters the key so two stages with one seed draw different masks.
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
+    rng = jax.random.fold_in(jax.random.PRNGKey(ctx.seed), zlib.crc32(name.encode()))
 
     bar = progress(total, name, initial=step)
     running: dict[str, list[float]] = {}
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
-        stream = batches(train, stage.batch_size, buckets, shuffle=True, seed=seed,
+        stream = batches(train, stage.batch_size, ctx.buckets, shuffle=True, seed=ctx.seed,
                          epoch=epoch, group_by_length=True, drop_remainder=True)
         for i, batch in enumerate(stream):
             if i < skip:  # resuming mid-epoch: replay the order, skip what was done
@@ -172,10 +177,11 @@ def run_stage(name: str, kind: str, stage: StageConfig, config: BertConfig, para
                           **{k: float(np.mean(v)) for k, v in running.items()})
                 running = {}
             if step in evals:
-                dev_metrics = evaluate(predict, state.params, dev, metric_names,
-                                       eval_batch_size, mesh, buckets, desc=f"{name} dev")
+                dev_metrics = evaluate(predict, state.params, dev, ctx.metric_names,
+                                       ctx.eval_batch_size, mesh, ctx.buckets,
+                                       desc=f"{name} dev")
                 log.write(stage=name, step=step, event="dev", **dev_metrics)
-                if dev_metrics["main"] > meta["best_score"] or not select_best:
+                if dev_metrics["main"] > meta["best_score"] or not objective.select_best:
                     meta = {"best_score": dev_metrics["main"], "best_step": step,
                             "best_dev": dev_metrics}
                     ckpts.save_best(step, state.params, meta)

@@ -23,12 +23,22 @@ _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 def maybe_initialize_distributed() -> bool:
     """Calls ``jax.distributed.initialize`` when the environment asks for several hosts.
 
-    Asked for by ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``), or by a SLURM / Open MPI / Cloud TPU launch with more than one task,
-    which ``jax.distributed.initialize()`` detects by itself. Safe to call twice.
+    Asked for by ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0, with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``), or by a SLURM / Open MPI / Cloud TPU launch
+    with more than one task, which ``jax.distributed.initialize()`` detects by itself. Must run
+    before anything touches a device. Safe to call twice.
+
+    On CPU, processes exchange gradients through gloo collectives: jax 0.4.34 starts its CPU
+    backend without cross-process collectives unless ``jax_cpu_collectives_implementation``
+    says otherwise, and a multi-process step then fails (``JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi``
+    chooses MPI instead). GPU and TPU backends ignore the flag.
 
     Returns:
       True when a multi-process runtime was started.
+
+    Raises:
+      ValueError: JAX_COORDINATOR_ADDRESS is set without a valid JAX_NUM_PROCESSES and
+        JAX_PROCESS_ID.
     """
     if getattr(maybe_initialize_distributed, "_done", False):
         return True
@@ -38,16 +48,33 @@ def maybe_initialize_distributed() -> bool:
     if address is None and not launched:
         return False
     if address is not None:
-        jax.distributed.initialize(
-            coordinator_address=address,
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]))
+        num_processes, process_id = _process_env()  # checked before any global change
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):  # the user's choice wins
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if address is not None:
+        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                                   process_id=process_id)
     else:
         jax.distributed.initialize()
     maybe_initialize_distributed._done = True
     log.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(),
              jax.process_count(), jax.device_count())
     return True
+
+
+def _process_env() -> tuple[int, int]:
+    try:
+        num, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+    except (KeyError, ValueError):
+        raise ValueError(
+            "JAX_COORDINATOR_ADDRESS is set, so this process expects to join a multi-process "
+            "run: also set JAX_NUM_PROCESSES (the number of processes) and JAX_PROCESS_ID "
+            f"(0 .. JAX_NUM_PROCESSES-1); got JAX_NUM_PROCESSES="
+            f"{os.environ.get('JAX_NUM_PROCESSES')!r}, JAX_PROCESS_ID="
+            f"{os.environ.get('JAX_PROCESS_ID')!r}.") from None
+    if num < 1 or not 0 <= pid < num:
+        raise ValueError(f"JAX_PROCESS_ID={pid} must lie in [0, JAX_NUM_PROCESSES={num}).")
+    return num, pid
 
 
 def make_mesh() -> Mesh:
@@ -103,3 +130,30 @@ def to_host(x: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; every process in a 1-process run)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches ``sync(name)`` (nothing to wait for in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def host_params(tree):
+    """Numpy copies of replicated params, also when they span several processes.
+
+    ``jax.device_get`` refuses an array with devices in other processes; a replicated one
+    holds its whole value on each local device, so the first local copy is the value.
+    """
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.array(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)

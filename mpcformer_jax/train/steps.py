@@ -1,13 +1,14 @@
 """The pure, jitted train and predict steps.
 
 ``train_step(state, teacher_params, batch, rng) -> (state, metrics)``: one function per stage
-kind, jitted once, its state donated. Gradients are taken for the student's parameters only;
-the teacher's are an ordinary argument (``None`` where a stage has no teacher), so they are
-never in the optimizer state nor in a checkpoint.
+objective (``objectives.py``), jitted once, its state donated. Gradients are taken for the
+student's parameters only; the teacher's are an ordinary argument (``None`` where a stage has
+no teacher), so they are never in the optimizer state nor in a checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +18,7 @@ import optax
 from flax import struct
 
 from mpcformer_jax.models import BertConfig, forward
-from mpcformer_jax.train import losses
-
-# "task": labels (teacher fine-tune, no-distillation baseline); "layerwise": stage 1;
-# "prediction": stage 2.
-STAGE_KINDS = ("task", "layerwise", "prediction")
+from mpcformer_jax.train.objectives import Objective
 
 
 @struct.dataclass
@@ -38,57 +35,30 @@ class TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def make_train_step(kind: str, student_config: BertConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule | None = None, *,
-                    teacher_config: BertConfig | None = None, layer_map: tuple[int, ...] = (),
-                    temperature: float = 1.0,
-                    layerwise_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                    ) -> Callable:
+def make_train_step(objective: Objective, student_config: BertConfig,
+                    tx: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None) -> Callable:
     """Builds the jitted ``train_step`` of one stage.
 
     Args:
-      kind: "task" (labels), "layerwise" (stage 1) or "prediction" (stage 2).
+      objective: what the stage minimises (``objectives.TaskObjective``,
+        ``LayerwiseObjective`` or ``PredictionObjective``); checked against the student here.
       student_config: the trained model's config (static).
       tx: the optimizer.
       schedule: the learning-rate schedule, only to report the rate in the metrics.
-      teacher_config: the teacher's config (distillation kinds).
-      layer_map: teacher layer of each student layer (stage 1).
-      temperature: stage-2 temperature.
-      layerwise_weights: stage-1 (embedding, hidden, attention) term weights.
 
     Returns:
-      ``train_step(state, teacher_params, batch, rng) -> (state, metrics)``. ``rng`` is the
-      stage's base key; the step number is folded in, so a resumed run draws the same dropout
-      masks. ``batch`` holds input_ids, token_type_ids, attention_mask, labels and weights.
-    """
-    if kind not in STAGE_KINDS:
-        raise ValueError(f"Unknown stage kind {kind!r}; available: {STAGE_KINDS}.")
-    if kind != "task" and teacher_config is None:
-        raise ValueError(f"Stage kind {kind!r} needs a teacher_config.")
-    if kind == "layerwise":
-        n_teacher = teacher_config.num_hidden_layers
-        if len(layer_map) != student_config.num_hidden_layers or \
-                not all(0 <= j < n_teacher for j in layer_map):
-            raise ValueError(f"layer_map {layer_map} must give one teacher layer in "
-                             f"[0, {n_teacher}) per student layer "
-                             f"({student_config.num_hidden_layers}).")
+      ``train_step(state, teacher_params, batch, rng) -> (state, metrics)``. ``teacher_params``
+      is ``objective.teacher_params`` placed on the mesh (None without a teacher); ``rng`` is
+      the stage's base key, the step number folded in, so a resumed run draws the same
+      dropout masks. ``batch`` holds input_ids, token_type_ids, attention_mask, labels and
+      weights.
 
-    def loss_fn(params, teacher_params, batch, dropout_rng):
-        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-        weights = batch["weights"]
-        out = forward(student_config, params, ids, mask, types, deterministic=False,
-                      output_intermediates=kind == "layerwise", rngs={"dropout": dropout_rng})
-        if kind == "task":
-            loss = losses.task_loss(out, batch["labels"], weights, student_config.is_regression)
-            return loss, {}
-        teacher_out = forward(teacher_config, teacher_params, ids, mask, types,
-                              output_intermediates=kind == "layerwise")
-        if kind == "layerwise":
-            return losses.layerwise_distill_loss(out[1], teacher_out[1], mask, weights,
-                                                 layer_map, layerwise_weights)
-        loss = losses.prediction_distill_loss(out, teacher_out, weights,
-                                              student_config.is_regression, temperature)
-        return loss, {}
+    Raises:
+      ValueError: the objective does not fit the student (e.g. a bad layer map).
+    """
+    objective.check(student_config)
+    loss_fn = functools.partial(objective.loss, student_config)
 
     def train_step(state: TrainState, teacher_params, batch, rng):
         dropout_rng = jax.random.fold_in(rng, state.step)

@@ -1,0 +1,202 @@
+"""Profile a distillation config's training steps and estimate its wall time, without running it.
+
+Command:
+    python -m experiments.profile_run --config rt_full:cpu_full            # ~5 min on 2 cores
+    python -m experiments.profile_run --config trec_full:cpu_full --steps 10
+    python -m experiments.profile_run --config rt_full:cpu_full --set buckets=32,64
+
+For each stage the config would run (teacher, then per pair stage 1, stage 2, baseline) it
+counts the batches of each padded length that the real batcher produces from the real
+tokenized training split, times the real jitted ``train_step`` of that stage at each of those
+shapes (after compiling it, ``--steps`` timed steps, the median counts) and the dev/test
+forward, then prints per-shape step times, the share of each stage and the estimated wall
+time: steps x step time + compile time + evaluations. Weights are random (cost does not
+depend on them). It reports the machine's load average beside the figures, since other jobs
+on the cores stretch every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import Counter
+
+import jax
+import numpy as np
+
+from experiments.distill import load_config
+from mpcformer_jax.data import batches, load_task, num_batches, tokenize_split
+from mpcformer_jax.models import init_params, load_pretrained
+from mpcformer_jax.pipeline import check_config, make_student
+from mpcformer_jax.train import parallel
+from mpcformer_jax.train.config import apply_overrides
+from mpcformer_jax.train.objectives import (
+    LayerwiseObjective,
+    PredictionObjective,
+    TaskObjective,
+    device_put_teacher,
+)
+from mpcformer_jax.train.optim import learning_rate_schedule, make_optimizer
+from mpcformer_jax.train.steps import TrainState, make_predict_step, make_train_step
+
+
+def bucket_counts(data, batch_size: int, buckets) -> Counter:
+    """Batches per padded length in one training epoch (epoch 0's order; others differ by a
+    few batches)."""
+    return Counter(b["input_ids"].shape[1] for b in batches(
+        data, batch_size, buckets, shuffle=True, seed=0, epoch=0, group_by_length=True,
+        drop_remainder=True))
+
+
+def _fake_batch(batch_size: int, length: int, num_labels: int, mesh) -> dict:
+    rng = np.random.default_rng(0)
+    return parallel.shard_batch({
+        "input_ids": rng.integers(1000, 30000, (batch_size, length)).astype(np.int32),
+        "token_type_ids": np.zeros((batch_size, length), np.int32),
+        "attention_mask": np.ones((batch_size, length), np.int32),
+        "labels": rng.integers(0, num_labels, batch_size).astype(np.int32),
+        "weights": np.ones(batch_size, np.float32)}, mesh)
+
+
+def time_train_step(objective, config, stage, total: int, batch: dict, steps: int):
+    """(compile seconds, median seconds per step) of the stage's real train step."""
+    mesh = parallel.make_mesh()
+    rep = parallel.replicated(mesh)
+    tx = make_optimizer(stage, total)
+    step_fn = make_train_step(objective, config, tx, learning_rate_schedule(stage, total))
+    teacher = device_put_teacher(objective, rep)
+    state = jax.device_put(TrainState.create(init_params(config, 1), tx), rep)
+    key = jax.random.PRNGKey(0)
+    t = time.perf_counter()
+    state, metrics = step_fn(state, teacher, batch, key)
+    jax.block_until_ready(metrics["loss"])
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = step_fn(state, teacher, batch, key)
+        float(metrics["loss"])  # the loop reads the loss every step, so it is timed too
+        times.append(time.perf_counter() - t)
+    return compile_s, statistics.median(times)
+
+
+def time_predict(config, batch: dict, steps: int):
+    """(compile seconds, median seconds per batch) of the eval forward."""
+    predict = make_predict_step(config)
+    params = jax.device_put(init_params(config, 1), parallel.replicated(parallel.make_mesh()))
+    t = time.perf_counter()
+    jax.block_until_ready(predict(params, batch))
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(predict(params, batch))
+        times.append(time.perf_counter() - t)
+    return compile_s, statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per shape")
+    args = parser.parse_args(argv)
+    cfg = apply_overrides(load_config(args.config), args.overrides)
+    plan = check_config(cfg)
+    mesh = parallel.make_mesh()
+    load0 = os.getloadavg()[0]
+    task = load_task(cfg.task, max_examples={"train": cfg.max_train or None,
+                                             "dev": cfg.max_dev or None,
+                                             "test": cfg.max_test or None},
+                     subsample_seed=cfg.seed)
+    teacher_cfg, teacher_params, tokenizer = load_pretrained(cfg.model,
+                                                             num_labels=task.num_labels)
+    data = {k: tokenize_split(s, tokenizer, cfg.max_length, teacher_cfg.max_length)
+            for k, s in task.splits.items()}
+    buckets = cfg.buckets or None
+    t = time.perf_counter()
+    n_host = sum(1 for _ in batches(data["train"], cfg.teacher.batch_size, buckets,
+                                    shuffle=True, group_by_length=True))
+    host_s = (time.perf_counter() - t) / n_host
+
+    pair = cfg.approximations[0]
+    student_cfg, _ = make_student(teacher_cfg, teacher_params, pair, plan.layer_map)
+    stages = [("teacher", TaskObjective(), teacher_cfg, cfg.teacher)]
+    per_pair = [
+        ("stage1", LayerwiseObjective(teacher_cfg, teacher_params, plan.layer_map,
+                                      cfg.layerwise_weights), student_cfg, cfg.stage1),
+        ("stage2", PredictionObjective(teacher_cfg, teacher_params, cfg.temperature),
+         student_cfg, cfg.stage2)]
+    if cfg.run_baseline:
+        per_pair.append(("baseline", TaskObjective(), student_cfg, cfg.baseline))
+    stages += per_pair * len(cfg.approximations)
+
+    print(f"{cfg.name}: {len(data['train'])} train / {len(data['dev'])} dev / "
+          f"{len(data['test'])} test, buckets {buckets or 'default'}, "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}, load average {load0:.1f}")
+    print(f"host batching: {host_s * 1e3:.1f} ms per batch of {cfg.teacher.batch_size}")
+    print("| stage | batch | steps | length: batches/epoch | ms/step by length | compile s | "
+          "train s |")
+    print("|---|---:|---:|---|---|---:|---:|")
+    cache: dict = {}
+    total_train = total_compile = 0.0
+    examples = 0
+    rows = []
+    for name, objective, config, stage in stages:
+        if stage.epochs == 0:
+            continue
+        counts = bucket_counts(data["train"], stage.batch_size, buckets)
+        per_epoch = sum(counts.values())
+        steps = per_epoch * stage.epochs
+        if stage.max_steps:
+            steps = min(steps, stage.max_steps)
+        seconds = compile_s = 0.0
+        cells = []
+        for length, n in sorted(counts.items()):
+            key = (name, length, stage.batch_size)
+            if key not in cache:
+                batch = _fake_batch(stage.batch_size, length, config.num_labels, mesh)
+                cache[key] = time_train_step(objective, config, stage, steps, batch, args.steps)
+            c, s = cache[key]
+            compile_s += c
+            seconds += s * n * steps / per_epoch
+            cells.append((length, n, s))
+        total_train += seconds
+        total_compile += compile_s
+        examples += steps * stage.batch_size
+        rows.append({"stage": name, "steps": steps, "seconds": seconds, "compile": compile_s,
+                     "cells": cells})
+        print(f"| {name} | {stage.batch_size} | {steps} | "
+              + ", ".join(f"{length}: {n}" for length, n, _ in cells) + " | "
+              + ", ".join(f"{length}: {s * 1e3:.0f}" for length, _, s in cells)
+              + f" | {compile_s:.0f} | {seconds:.0f} |")
+
+    # Evaluations: every stage evaluates dev evals_per_epoch times per epoch; each model
+    # once on test. Forward cost is taken from the teacher at the eval batch size.
+    eval_batches = {"dev": num_batches(data["dev"], cfg.eval_batch_size),
+                    "test": num_batches(data["test"], cfg.eval_batch_size)}
+    eval_counts = bucket_counts(data["dev"], cfg.eval_batch_size, buckets)
+    fwd = {}
+    for length in sorted(eval_counts):
+        batch = _fake_batch(cfg.eval_batch_size, length, teacher_cfg.num_labels, mesh)
+        fwd[length] = time_predict(teacher_cfg, batch, max(2, args.steps // 2))
+    mean_fwd = sum(fwd[k][1] * n for k, n in eval_counts.items()) / sum(eval_counts.values())
+    n_dev = sum(s.epochs * s.evals_per_epoch for _, _, _, s in stages if s.epochs)
+    n_test = 1 + len(cfg.approximations) * (2 if cfg.run_baseline else 1)
+    eval_s = mean_fwd * (n_dev * eval_batches["dev"] + n_test * eval_batches["test"])
+    eval_compile = sum(c for c, _ in fwd.values()) * len(stages)
+    total = total_train + total_compile + eval_s + eval_compile
+    print(f"\nevaluation: {n_dev} dev passes + {n_test} test passes, {eval_s:.0f} s "
+          f"(+ {eval_compile:.0f} s compiling)")
+    print(f"estimated wall time: {total:.0f} s = {total / 3600:.2f} h (training {total_train:.0f}"
+          f" s, compiling {total_compile + eval_compile:.0f} s, evaluating {eval_s:.0f} s); "
+          f"{examples / total_train:.1f} training examples/s; load average now "
+          f"{os.getloadavg()[0]:.1f}")
+    return {"rows": rows, "total_s": total, "train_s": total_train,
+            "compile_s": total_compile + eval_compile, "eval_s": eval_s}
+
+
+if __name__ == "__main__":
+    main()
