@@ -128,6 +128,10 @@ class ClusterConfig:
         desc.connect_retry_times = 30
         desc.connect_retry_interval_ms = 200
         desc.recv_timeout_ms = int(self.timeout_s * 1000)
+        # brpc's own per-message deadline (20 s by default) must not be shorter than a wait
+        # the config allows: on 2 busy cores one message of a large model can take longer, and
+        # a timed-out brpc push was followed by a crash of SPU's link (seen under overload).
+        desc.http_timeout_ms = int(self.timeout_s * 1000)
         for key, value in self.link:
             setattr(desc, key, value)
         if recv_timeout_ms is not None:

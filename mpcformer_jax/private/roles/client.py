@@ -103,7 +103,8 @@ class Client:
       state_dir: the service's state folder (endpoint.json, card/, certs/).
       name: this client's certificate name in the certs folder.
       certs: the certs folder (default: the one endpoint.json names).
-      timeout_s: bound on one query, queueing included (default: the cluster's timeout_s).
+      timeout_s: bound on one query, queueing included (default: the cluster's timeout_s,
+        at least 600 s).
       retries: how often a query is sent again after the service restarted its nodes.
     """
 
@@ -126,7 +127,8 @@ class Client:
                               key=lambda bl: (bl[0] * bl[1], bl))
         self.max_batch = max(b for b, _ in self.buckets)
         self.max_length = max(n for _, n in self.buckets)
-        self.timeout_s = timeout_s or self.cluster.timeout_s
+        # A query may wait behind others (node 0 runs one at a time): give it room.
+        self.timeout_s = timeout_s or max(600.0, self.cluster.timeout_s)
         self.retries = retries
         self.io = spu.Io(self.cluster.world_size, self.cluster.runtime_config())
         self._channels: list[grpc.Channel] = []
