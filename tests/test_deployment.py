@@ -160,10 +160,13 @@ def test_one_role_per_host_encrypted_on_the_wire(net, tiny_student, tmp_path):
     procs.append(capture)
     try:
         assert capture.stdout.readline().strip() == "capturing"
+        node_tmp = tmp_path / "node_tmp"  # where each node makes its private socket folder
+        node_tmp.mkdir()
         for rank, n in enumerate(nodes):
             procs.append(net.run(n, CLI + ["node", "--rank", str(rank), "--config", str(cfg),
                                            "--certs", str(certs)],
-                                 stderr=subprocess.PIPE, text=True))
+                                 stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "TMPDIR": str(node_tmp)}))
         owner = net.run("owner", CLI + ["serve", "--config", str(cfg), "--model",
                                         str(tiny_student), "--state-dir", str(state),
                                         "--certs", str(certs), "--remote-nodes",
@@ -208,6 +211,7 @@ def test_one_role_per_host_encrypted_on_the_wire(net, tiny_student, tmp_path):
         assert owner.wait(60) == 0
         for p in procs[1:4]:
             assert p.wait(60) == 0, p.stderr.read()
+        assert not list(node_tmp.iterdir())  # each node removed its folder on the way out
     finally:
         capture.send_signal(signal.SIGTERM)
         capture.wait(10)

@@ -125,8 +125,8 @@ def service(tiny_student, tmp_path_factory):
     data = load_config("aby3_3pc").to_dict()
     data["service"] = {"max_queue": 4, "share_wait_s": 5}
     svc = Service(load_config(data), tiny_student, state, BUCKETS)
-    svc.start()
     try:
+        svc.start()
         yield svc
     finally:
         svc.stop()
