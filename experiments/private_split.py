@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--buckets", default="8x32,8x64", help="served buckets")
     p.add_argument("--batch", type=int, default=8, help="texts per query")
     p.add_argument("--limit", type=int, default=None, help="only the first N queries")
+    p.add_argument("--query-timeout", type=float, default=300.0,
+                   help="seconds one query may take before the service is restarted")
+    p.add_argument("--max-restarts", type=int, default=5)
     p.add_argument("--report-only", action="store_true", help="rewrite the tables and stop")
     args = p.parse_args(argv)
     if args.report_only:
@@ -120,7 +123,7 @@ def run_split(args) -> dict:
 
     from mpcformer_jax.data import load_task
     from mpcformer_jax.models import load_pretrained
-    from mpcformer_jax.private import Client, Service, load_config
+    from mpcformer_jax.private import Client, QueryError, Service, load_config
     from mpcformer_jax.private.model import encode_client_inputs, make_private_forward, tokenize
 
     name = args.name or f"{Path(args.model).parent.name}_{args.task}_{args.config}"
@@ -137,33 +140,49 @@ def run_split(args) -> dict:
           f"{len(todo)} to go", file=sys.stderr)
     fwd = jax.jit(make_private_forward(config))
     cluster = load_config(args.config)
-    with tempfile.TemporaryDirectory(prefix="split_") as state:
-        service = Service(cluster, args.model, state, args.buckets)
+    with tempfile.TemporaryDirectory(prefix="split_") as state, open(out, "a") as f:
+        service, client, restarts, k = None, None, 0, 0
         try:
-            service.start() if todo else None
-            client = Client(state) if todo else None
-            with open(out, "a") as f:
-                for k, idx in enumerate(todo):
-                    batch = [texts[i] for i in idx]
-                    start = time.perf_counter()
+            while k < len(todo):
+                if service is None:
+                    service = Service(cluster, args.model, state, args.buckets)
+                    service.start()
+                    client = Client(state, timeout_s=args.query_timeout)
+                idx = todo[k]
+                batch = [texts[i] for i in idx]
+                start = time.perf_counter()
+                try:
                     result = client.classify(batch)
-                    wall = time.perf_counter() - start
-                    (bucket,) = result.buckets
-                    b, n = (int(v) for v in bucket.split("x"))
-                    ids, mask = tokenize(tokenizer, batch + [""] * (b - len(batch)), n)
-                    plain = np.asarray(fwd(params, *encode_client_inputs(config, ids, mask)))
-                    row = {"indices": idx, "bucket": bucket, "labels": [labels[i] for i in idx],
-                           "private": [p.logits for p in result.predictions],
-                           "plain": plain[:len(idx)].tolist(), "wall_s": wall,
-                           "bytes": result.cost.total.bytes,
-                           "messages": result.cost.total.messages}
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    print(f"query {k + 1}/{len(todo)} {bucket} {wall:.1f} s", file=sys.stderr)
+                except QueryError as err:
+                    # A query lost to a failed node (or one stuck past its deadline): start
+                    # the service afresh and ask again; answered rows are already on disk.
+                    restarts += 1
+                    print(f"query {k + 1}/{len(todo)} failed ({err}); restarting the service "
+                          f"({restarts}/{args.max_restarts})", file=sys.stderr)
+                    client.close()
+                    service.stop()
+                    service = None
+                    if restarts > args.max_restarts:
+                        raise
+                    continue
+                wall = time.perf_counter() - start
+                (bucket,) = result.buckets
+                b, n = (int(v) for v in bucket.split("x"))
+                ids, mask = tokenize(tokenizer, batch + [""] * (b - len(batch)), n)
+                plain = np.asarray(fwd(params, *encode_client_inputs(config, ids, mask)))
+                row = {"indices": idx, "bucket": bucket, "labels": [labels[i] for i in idx],
+                       "private": [p.logits for p in result.predictions],
+                       "plain": plain[:len(idx)].tolist(), "wall_s": wall,
+                       "bytes": result.cost.total.bytes, "messages": result.cost.total.messages}
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                print(f"query {k + 1}/{len(todo)} {bucket} {wall:.1f} s", file=sys.stderr)
+                k += 1
+        finally:
             if client is not None:
                 client.close()
-        finally:
-            service.stop()
+            if service is not None:
+                service.stop()
     rows = [r for r in _rows(out) if tuple(r["indices"]) in {tuple(q) for q in queries}]
     summary = summarise(rows, len(texts))
     write_report(name, summary, {"protocol": cluster.protocol, "model": str(args.model),

@@ -447,3 +447,49 @@ def test_cheetah_service_matches_plaintext(tiny_student, tmp_path):
             _check(client.classify(TEXTS[:2]), tiny_student, TEXTS[:2])
     finally:
         svc.stop()
+
+
+@pytest.mark.slow
+def test_remote_nodes_lost_one_stops_all_in_seconds(tiny_student, tmp_path):
+    """Nodes started on their own (`spu_run node`, fixed ports); the owner serves them. When
+    one dies, the owner stops with one line naming it and the others exit: no orphans."""
+    from mpcformer_jax.private.launcher import free_port
+
+    data = load_config("aby3_3pc").to_dict()
+    for node in data["nodes"]:
+        node["link"] = f"127.0.0.1:{free_port('127.0.0.1')}"
+        node["io"] = f"127.0.0.1:{free_port('127.0.0.1')}"
+    cfg = tmp_path / "cluster.json"
+    cfg.write_text(json.dumps(data))
+    certs = tmp_path / "certs"
+    subprocess.run(SPU_RUN + ["certs", "--out", str(certs), "--config", str(cfg)], check=True,
+                   capture_output=True, timeout=60)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    nodes = [subprocess.Popen(SPU_RUN + ["node", "--rank", str(r), "--config", str(cfg),
+                                         "--certs", str(certs)], env=env,
+                              stderr=subprocess.PIPE, text=True) for r in range(3)]
+    svc = Service(load_config(cfg), tiny_student, tmp_path / "state", "1x8", certs=certs,
+                  remote_nodes=True)
+    try:
+        svc.start()
+        with Client(tmp_path / "state") as client:
+            _check(client.classify(TEXTS[:1]), tiny_student, TEXTS[:1])
+        nodes[2].kill()
+        killed = time.monotonic()
+        with pytest.raises(ServiceError, match="node node2 at 127.0.0.1:.* is unreachable"):
+            svc.wait()
+        assert time.monotonic() - killed < 20
+    finally:
+        svc.stop()
+        for p in nodes:
+            try:
+                p.wait(30)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+    for p in nodes[:2]:  # stopped by the owner, or by SPU's link: either way one clear line
+        err = p.stderr.read()
+        assert p.returncode in (0, 2), err
+        if p.returncode == 2:
+            assert "spu_run node: error: node node" in err and "Traceback" not in err
+    assert len(list(tmp_path.glob("spu_*"))) <= 1  # only the killed node's folder is left

@@ -171,6 +171,38 @@ def _one_shot(args) -> None:
     print_results(result, args.json, upload)
 
 
+def run_node(cluster, rank: int, ident) -> None:
+    """``spu_run node``: the node in a child process, watched by this one.
+
+    SPU's brpc link can end a process abruptly (exit 255, or a segfault) when a peer node
+    goes away, even while idle. Watching from outside turns that into one clear line, and the
+    node's private folder (its Unix sockets and logs) is removed however the node ended.
+    """
+    import shutil
+    import signal
+
+    from mpcformer_jax.private import launcher
+
+    workdir = Path(tempfile.mkdtemp(prefix="spu_"))
+    node = cluster.nodes[rank]
+    proc = launcher.start_role(f"node {node.id}", "mpcformer_jax.private.roles.node:node_main",
+                               {"cluster": cluster, "rank": rank, "ident": ident,
+                                "workdir": str(workdir)})
+    forward = lambda signum, frame: proc.is_alive() and os.kill(proc.pid, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        proc.join()
+    finally:
+        launcher.stop_all([proc])
+        shutil.rmtree(workdir, ignore_errors=True)
+    if proc.exitcode not in (0, 2):  # 2: the node already said why on stderr
+        raise RuntimeError(f"node {node.id} {launcher.describe(proc.exitcode)}: its MPC link "
+                           "failed (did a peer node stop?); restart the nodes, then serve again")
+    if proc.exitcode == 2:
+        raise RuntimeError(f"node {node.id} stopped (see its error above)")
+
+
 def run_command(command: str | None, args) -> None:
     """Runs one command in this process."""
     if command is None:
@@ -210,13 +242,12 @@ def run_command(command: str | None, args) -> None:
             hosts[n.id] = (*hosts.get(n.id, ()), n.io[0], n.link[0])
         print(tls.make_certs(args.out, [n.id for n in cluster.nodes], args.clients, hosts))
     elif command == "node":
-        from mpcformer_jax.private.roles.node import node_main
         from mpcformer_jax.private.tls import identity
 
         cluster = _cluster(args, True)
         if not 0 <= args.rank < cluster.world_size:
             raise ValueError(f"--rank {args.rank} is outside 0..{cluster.world_size - 1}")
-        node_main(cluster, args.rank, identity(args.certs, cluster.nodes[args.rank].id))
+        run_node(cluster, args.rank, identity(args.certs, cluster.nodes[args.rank].id))
     elif command == "card":
         from mpcformer_jax.private.card import export_card
 

@@ -254,11 +254,36 @@ class Service:
                 return f"node {p.name} {launcher.describe(p.exitcode)}"
         return None
 
-    def wait(self, poll_s: float = 0.2) -> None:
-        """Watches the nodes until ``request_stop``; restarts them if one dies."""
+    def _unreachable_node(self) -> str | None:
+        """Remote nodes: the first that does not answer Info within a few seconds."""
+        from mpcformer_jax.private import transport
+
+        for node in self.cluster.nodes:
+            ch = transport.channel(f"{node.io[0]}:{node.io[1]}", node.id, self.owner.ident)
+            try:
+                transport.unary(ch, "Info")(b"{}", timeout=5)
+            except Exception as err:
+                text = transport.error_text(err) if hasattr(err, "code") else str(err)
+                return f"node {node.id} at {node.io[0]}:{node.io[1]} is unreachable ({text})"
+            finally:
+                ch.close()
+        return None
+
+    def wait(self, poll_s: float = 0.2, remote_poll_s: float = 2.0) -> None:
+        """Watches the nodes until ``request_stop``. A local node that dies is restarted
+        with the others; a remote node that stops answering stops the service (the operator
+        restarts the nodes, then ``serve`` again)."""
+        last_remote_check = time.monotonic()
         while not self._stop:
             time.sleep(poll_s)
-            if self.remote or self._stop:
+            if self._stop:
+                break
+            if self.remote:
+                if time.monotonic() - last_remote_check >= remote_poll_s:
+                    last_remote_check = time.monotonic()
+                    if lost := self._unreachable_node():
+                        raise ServiceError(f"{lost}; stopping the other nodes: restart the "
+                                           "nodes, then `spu_run serve` again")
                 continue
             dead = self._dead_node()
             if dead is None:

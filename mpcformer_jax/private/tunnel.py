@@ -29,7 +29,11 @@ from pathlib import Path
 
 from mpcformer_jax.private.tls import Identity, client_context, server_context, subject_of
 
-_CHUNK = 1 << 16
+_CHUNK = 1 << 20
+# How much a stream may buffer before asyncio pauses reading from its transport. asyncio's
+# 64 KiB default pauses and resumes the TLS transport many times per MPC message (SPU sends
+# megabytes at once); under load that stalled traffic (brpc resent messages, "Duplicate ACK").
+_BUFFER = 64 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -93,6 +97,8 @@ class Tunnels:
 
     async def _start(self) -> None:
         host, port = self.public[self.rank]
+        self._in_ctx = server_context(self.ident)
+        self._out_ctx = client_context(self.ident)
         try:
             self._servers.append(await self._loop.create_server(
                 lambda: _Unread(self._inbound), host, port, reuse_address=True))
@@ -102,17 +108,15 @@ class Tunnels:
                 f"node {self.ids[self.rank]}: cannot listen for peer nodes on {host}:{port}"
                 f" ({'port already in use' if taken else err}); free it or change 'link' in "
                 "the config") from None
-        self._in_ctx = server_context(self.ident)
-        self._out_ctx = client_context(self.ident)
         for j in range(len(self.ids)):
             if j != self.rank:
                 self._servers.append(await asyncio.start_unix_server(
                     lambda r, w, j=j: self._outbound(j, r, w),
-                    path=str(self.dir / f"peer{j}.sock")))
+                    path=str(self.dir / f"peer{j}.sock"), limit=_BUFFER))
 
     async def _inbound(self, transport) -> None:
         # TLS is started here rather than by the server, so that every refusal is counted.
-        reader = asyncio.StreamReader(limit=_CHUNK)
+        reader = asyncio.StreamReader(limit=_BUFFER)
         proto = asyncio.StreamReaderProtocol(reader)
         try:
             tls = await self._loop.start_tls(transport, proto, self._in_ctx, server_side=True,
@@ -130,7 +134,8 @@ class Tunnels:
             writer.close()
             return
         try:
-            up_r, up_w = await asyncio.open_unix_connection(str(self.dir / "self.sock"))
+            up_r, up_w = await asyncio.open_unix_connection(str(self.dir / "self.sock"),
+                                                            limit=_BUFFER)
         except OSError:
             writer.close()
             return
@@ -140,7 +145,7 @@ class Tunnels:
         host, port = self.public[j]
         try:
             far_r, far_w = await asyncio.wait_for(asyncio.open_connection(
-                host, port, ssl=self._out_ctx, server_hostname=self.ids[j]),
+                host, port, ssl=self._out_ctx, server_hostname=self.ids[j], limit=_BUFFER),
                 HANDSHAKE_TIMEOUT_S)
         except (TimeoutError, OSError):
             writer.close()  # brpc retries the connection (the peer may not be up yet)

@@ -57,6 +57,7 @@ from mpcformer_jax.private.tunnel import Tunnels
 _QID = re.compile(r"[0-9a-f]{32}")
 _MAX_META = 4096  # bytes of one share's metadata (shape, type); the data is counted exactly
 _MIN_CHUNK = 1 << 16  # a share arrives in few chunks; this bounds how many a caller may claim
+_SHUTDOWN_GRACE_S = 5.0
 
 
 class NodeFailure(RuntimeError):
@@ -344,7 +345,20 @@ class Node:
     def _shutdown(self, request: bytes, context) -> bytes:
         self._require(context, "owner")
         self.work.put(("stop",))
+        # An MPC run stuck on a dead peer would hold the main thread until the link's
+        # timeout: leave anyway, without a trace on disk, if it has not stopped in seconds.
+        timer = threading.Timer(_SHUTDOWN_GRACE_S, self._exit_now)
+        timer.daemon = True
+        timer.start()
         return transport.pack({"ok": True})
+
+    def _exit_now(self) -> None:
+        if self.stopping.is_set():  # stopping normally
+            return
+        print(f"spu_run node {self.name}: stopped while an MPC run was still waiting",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os._exit(3)
 
     # ------------------------------------------------------------------ the MPC thread
 
