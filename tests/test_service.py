@@ -493,3 +493,15 @@ def test_remote_nodes_lost_one_stops_all_in_seconds(tiny_student, tmp_path):
         if p.returncode == 2:
             assert "spu_run node: error: node node" in err and "Traceback" not in err
     assert len(list(tmp_path.glob("spu_*"))) <= 1  # only the killed node's folder is left
+
+
+@pytest.mark.slow
+def test_research_api_processes_backend_runs_through_a_service(tiny_student):
+    from mpcformer_jax.private import run
+
+    result = run(str(tiny_student), TEXTS[:2], protocol="SEMI2K", max_length=8,
+                 backend="processes")
+    assert result.max_abs_diff < TOL and result.label_agreement == 1.0
+    report = result.report
+    assert len(report.per_party) == 2 and report.total.bytes > 0
+    assert report.input_bytes["owner"] > report.input_bytes["client"] > 0

@@ -41,18 +41,6 @@ class TunnelError(RuntimeError):
     """A tunnel endpoint could not be opened (port taken, bad address)."""
 
 
-class _Unread(asyncio.Protocol):
-    """Accepts a TCP connection without reading a byte of it, then hands it to a TLS
-    upgrade (asyncio's stream server would buffer the ClientHello first)."""
-
-    def __init__(self, upgrade):
-        self.upgrade = upgrade
-
-    def connection_made(self, transport) -> None:
-        transport.pause_reading()
-        asyncio.ensure_future(self.upgrade(transport))
-
-
 class Tunnels:
     """Node ``rank``'s half of the tunnel mesh.
 
@@ -67,16 +55,13 @@ class Tunnels:
     def __init__(self, ident: Identity, node_ids, rank: int, public, sock_dir: Path):
         self.ident, self.ids, self.rank = ident, list(node_ids), rank
         self.public, self.dir = [tuple(a) for a in public], Path(sock_dir)
-        self.refused: list[str] = []  # why inbound connections were dropped (tests read it)
+        self.refused: list[str] = []  # certificates refused after a TLS handshake
+        self.accepted = self.established = 0  # TCP connections; of those, TLS handshakes
         self.bytes = {"in": 0, "out": 0}
         self._loop = asyncio.new_event_loop()
         # asyncio warns on every TLS stream that half-closes ("returning true from
         # eof_received() has no effect"): harmless here, and a node's stderr is for errors.
         logging.getLogger("asyncio").setLevel(logging.ERROR)
-        # A failed handshake (plain HTTP, a wrong certificate) is a refusal, not an error to
-        # print: record it instead of letting asyncio log a traceback.
-        self._loop.set_exception_handler(
-            lambda _loop, ctx: self.refused.append(str(ctx.get("exception") or ctx["message"])))
         self._servers: list[asyncio.AbstractServer] = []
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"tunnels-{rank}")
@@ -99,9 +84,18 @@ class Tunnels:
         host, port = self.public[self.rank]
         self._in_ctx = server_context(self.ident)
         self._out_ctx = client_context(self.ident)
+
+        def accept():
+            # Called for every TCP connection, before its TLS handshake; _inbound only for
+            # those whose handshake succeeded. The difference counts the refused ones.
+            self.accepted += 1
+            reader = asyncio.StreamReader(limit=_BUFFER)
+            return asyncio.StreamReaderProtocol(reader, self._inbound)
+
         try:
             self._servers.append(await self._loop.create_server(
-                lambda: _Unread(self._inbound), host, port, reuse_address=True))
+                accept, host, port, ssl=self._in_ctx, reuse_address=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S))
         except OSError as err:
             taken = err.errno == errno.EADDRINUSE
             raise TunnelError(
@@ -114,19 +108,14 @@ class Tunnels:
                     lambda r, w, j=j: self._outbound(j, r, w),
                     path=str(self.dir / f"peer{j}.sock"), limit=_BUFFER))
 
-    async def _inbound(self, transport) -> None:
-        # TLS is started here rather than by the server, so that every refusal is counted.
-        reader = asyncio.StreamReader(limit=_BUFFER)
-        proto = asyncio.StreamReaderProtocol(reader)
-        try:
-            tls = await self._loop.start_tls(transport, proto, self._in_ctx, server_side=True,
-                                             ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
-        except (OSError, TimeoutError) as err:  # ssl.SSLError is an OSError
-            self.refused.append(f"TLS handshake: {type(err).__name__}: {err}")
-            transport.close()
-            return
-        proto.connection_made(tls)
-        writer = asyncio.StreamWriter(tls, proto, reader, self._loop)
+    @property
+    def refusals(self) -> int:
+        """Inbound connections turned away: failed TLS handshakes (plain HTTP, no or a foreign
+        certificate, silence) and certificates that are not a peer node's."""
+        return self.accepted - self.established + len(self.refused)
+
+    async def _inbound(self, reader, writer) -> None:
+        self.established += 1
         ssl_obj = writer.get_extra_info("ssl_object")
         role, name = subject_of(ssl_obj.getpeercert(binary_form=True)) if ssl_obj else ("", "")
         if role != "node" or name not in self.ids or name == self.ids[self.rank]:

@@ -340,7 +340,7 @@ class Node:
             "fingerprint": model.fingerprint if model else None,
             "buckets": sorted(model.programs) if model else [],
             "program_digests": model.digests if model else {},
-            "served": self.served, "tunnel_refusals": len(self.tunnels.refused)})
+            "served": self.served, "tunnel_refusals": self.tunnels.refusals})
 
     def _shutdown(self, request: bytes, context) -> bytes:
         self._require(context, "owner")
