@@ -85,6 +85,18 @@ def test_buckets_parse_and_refuse():
             parse_buckets(bad)
 
 
+def test_queries_take_the_fewest_buckets_that_fit():
+    client = Client.__new__(Client)  # only the bucket plan: no service needed
+    client.buckets, client.max_length = [(1, 64), (8, 16)], 64
+    assert client._next_query([10] * 8) == (8, 16, 8)  # one query, not eight
+    assert client._next_query([40] + [10] * 7) == (1, 64, 1)  # 8x16 cannot hold 40 tokens
+    assert client._next_query([200]) == (1, 64, 1)  # longer than any bucket: truncated
+    client.buckets, client.max_length = [(1, 16), (4, 16), (4, 32)], 32
+    assert client._next_query([5, 5]) == (4, 16, 2)
+    assert client._next_query([5, 20, 5]) == (4, 32, 3)
+    assert client._next_query([5]) == (1, 16, 1)
+
+
 def test_preflight_refuses_before_anything_starts(tiny_student, tmp_path):
     cluster = load_config("aby3_3pc")
     with pytest.raises(ServiceError, match="No checkpoint folder at .*none"):

@@ -125,7 +125,6 @@ class Client:
         self.buckets = sorted(((int(b), int(n)) for b, n in
                                (k.split("x") for k in self.endpoint["buckets"])),
                               key=lambda bl: (bl[0] * bl[1], bl))
-        self.max_batch = max(b for b, _ in self.buckets)
         self.max_length = max(n for _, n in self.buckets)
         # A query may wait behind others (node 0 runs one at a time): give it room.
         self.timeout_s = timeout_s or max(600.0, self.cluster.timeout_s)
@@ -170,6 +169,20 @@ class Client:
         raise QueryError(f"no bucket holds {batch} texts of {length} tokens; served: "
                          f"{self.endpoint['buckets']}")
 
+    def _next_query(self, lengths: list[int]) -> tuple[int, int, int]:
+        """(batch, length, texts taken) for the next query over texts of these token counts:
+        the bucket that takes the most texts (a query's cost is mostly its rounds, which do
+        not grow with the batch), then the smallest. A bucket of the largest served length
+        always fits: longer texts are truncated."""
+        best = None
+        for b, n in self.buckets:
+            take = min(b, len(lengths))
+            if n >= min(max(lengths[:take]), self.max_length):
+                key = (-take, b * n)
+                if best is None or key < best[0]:
+                    best = (key, (b, n, take))
+        return best[1]
+
     def classify(self, texts: list[str] | str) -> QueryResult:
         """Classifies texts privately, in as few queries as the buckets allow.
 
@@ -188,9 +201,11 @@ class Client:
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
         start = time.perf_counter()
         predictions, buckets, profiles = [], [], []
-        for i in range(0, len(texts), self.max_batch):
-            chunk, lens = texts[i:i + self.max_batch], lengths[i:i + self.max_batch]
-            b, n = self.pick_bucket(len(chunk), max(lens))
+        i = 0
+        while i < len(texts):
+            b, n, take = self._next_query(lengths[i:])
+            chunk, lens = texts[i:i + take], lengths[i:i + take]
+            i += take
             ids, mask = tokenize(self.tokenizer, chunk + [""] * (b - len(chunk)), n)
             one_hot, mask_f = encode_client_inputs(self.config, ids, mask)
             logits, node_profiles = self.run_query(f"{b}x{n}", [one_hot, mask_f])
