@@ -267,8 +267,19 @@ class Client:
             calls.append((share_bytes(own), transport.stream_unary(ch, "Query").future(
                 stream, timeout=self.timeout_s)))
         del shares
+        # Wait on every node at once: one that fails (or dies) ends the query now, not after
+        # the others give up waiting for it in the MPC.
+        settled = threading.Semaphore(0)
+        for _, call in calls:
+            call.add_done_callback(lambda _call: settled.release())
+        for _ in calls:
+            settled.acquire()
+            if any(c.done() and c.exception() is not None for _, c in calls):
+                break
         outs, profiles, failure = [], [], None
         for rank, (sent, call) in enumerate(calls):
+            if not call.done():
+                continue  # a node failed first; this one is cancelled below
             node = self.endpoint["nodes"][rank]["id"]
             try:
                 header, blobs = transport.unpack(call.result())
@@ -289,10 +300,10 @@ class Client:
 
             outs += blobs_to_shares(header["counts"], blobs)
             profiles.append({**header["profile"], "client_bytes": sent})
-        if failure is not None:
+        if failure is not None or len(outs) < len(calls):
             for _, call in calls:
                 call.cancel()
-            raise failure
+            raise failure or QueryError("a node did not answer", "UNAVAILABLE")
         profiles[0]["client_bytes"] = sum(p["client_bytes"] for p in profiles)
         return np.asarray(self.io.reconstruct(outs)), profiles
 
