@@ -1,7 +1,8 @@
 """The private-inference service: answers, concurrency, refusals, faults, clean shutdown.
 
 One ABY3 service of the tiny student (nodes as local processes, mutual TLS everywhere) is
-shared by most tests; the fault tests start their own through ``spu_run serve``.
+shared by most tests; the fault tests start their own through ``spu_run serve``. Everything
+that starts SPU processes is marked slow; the fast loop keeps the unit tests.
 Tolerance as in test_private.py: |private - plaintext| < 0.05 (measured: about 1e-3).
 """
 
@@ -112,6 +113,7 @@ def test_preflight_refuses_before_anything_starts(tiny_student, tmp_path):
         preflight(cluster, tiny_student, "100000x64", True)  # the old `--batch-size 1000`
 
 
+@pytest.mark.slow  # starts SPU node processes
 def test_one_shot_fails_fast_on_bad_input(tiny_student, tmp_path):
     start = time.monotonic()
     proc = subprocess.run(SPU_RUN + ["--config", "aby3_3pc", "--model", str(tmp_path / "none"),
@@ -155,6 +157,7 @@ def _check(result, model, texts):
     assert [p.text for p in result.predictions] == list(texts)
 
 
+@pytest.mark.slow  # starts SPU node processes
 def test_sequential_queries_match_plaintext(service, tiny_student):
     with Client(service.state) as client:
         one = client.classify(TEXTS[:1])
@@ -176,6 +179,7 @@ def test_sequential_queries_match_plaintext(service, tiny_student):
     assert cost.input_bytes["client"] < client.upload["bytes"]
 
 
+@pytest.mark.slow  # starts SPU node processes
 def test_concurrent_clients_get_their_own_answers(service, tiny_student):
     batches = [[TEXTS[k], TEXTS[(k + 1) % 4]] for k in range(4)]
     results, errors = [None] * 4, []
@@ -198,6 +202,7 @@ def test_concurrent_clients_get_their_own_answers(service, tiny_student):
             _check(result, tiny_student, batches[k])
 
 
+@pytest.mark.slow  # starts SPU node processes
 def test_client_verifies_the_program_from_the_card(service):
     with Client(service.state) as client:
         digests = client.verify()
@@ -206,6 +211,7 @@ def test_client_verifies_the_program_from_the_card(service):
         assert all(node["ready"] for node in client.info())
 
 
+@pytest.mark.slow  # starts SPU node processes
 def test_certificates_are_made_and_demanded(service, tmp_path):
     certs = service.state / "certs"
     assert {"ca.pem", "owner.pem", "client.pem", "node0.pem"} <= {p.name for p in
@@ -243,6 +249,7 @@ def _peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.slow  # starts SPU node processes
 def test_hostile_connections_are_refused_and_service_goes_on(service, tiny_student):
     endpoint = read_endpoint(service.state)
     cluster = endpoint["cluster"]
@@ -309,6 +316,7 @@ def test_hostile_connections_are_refused_and_service_goes_on(service, tiny_stude
         assert _peak_rss(n["pid"]) - peaks[name] < 200 << 20  # no 3 GiB allocation
 
 
+@pytest.mark.slow  # starts SPU node processes
 def test_full_queue_is_refused_and_cancelled_queries_are_forgotten(service):
     """Queries sent to node 1 only wait there for node 0's order; the fifth is refused."""
     endpoint = read_endpoint(service.state)
