@@ -32,7 +32,7 @@ from mpcformer_jax.private.card import export_card
 from mpcformer_jax.private.config import ClusterConfig, ConfigError
 from mpcformer_jax.private.roles.client import ENDPOINT
 from mpcformer_jax.private.roles.owner import Owner, OwnerError, bucket_name, parse_buckets
-from mpcformer_jax.private.runtime import mem_available
+from mpcformer_jax.private.runtime import bytes_per_element, mem_available
 from mpcformer_jax.private.tls import CertError, identity, make_certs
 
 DEFAULT_BUCKETS = "1x16,1x32,8x32,8x64"
@@ -55,7 +55,7 @@ def estimate_memory(model_config, n_params: int, cluster: ClusterConfig, buckets
 
     A rough upper bound, to refuse a start that cannot fit instead of dying in ``bad_alloc``.
     """
-    per_elem = {"ABY3": 16, "SEMI2K": 8, "CHEETAH": 8, "REF2K": 8}.get(cluster.protocol, 16)
+    per_elem = bytes_per_element(cluster.runtime_config(), cluster.world_size)
     largest = max(b * n * (model_config.vocab_size + 1) for b, n in buckets)
     per_node = n_params * per_elem + (cluster.max_queue + 3) * largest * per_elem
     nodes = cluster.world_size if local_nodes else 1

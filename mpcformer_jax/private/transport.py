@@ -86,23 +86,25 @@ def stream_frames(header: dict, blobs: list[bytes]) -> Iterator[bytes]:
             yield bytes(view[i:i + CHUNK])
 
 
-def receive_stream(request_iterator, limit: int | None, sizes_ok=None
-                   ) -> tuple[dict, list[bytes]]:
+def receive_stream(request_iterator, limit: int | None, sizes_ok=None,
+                   header: dict | None = None) -> tuple[dict, list[bytes]]:
     """Reads a ``stream_frames`` stream.
 
     Args:
       limit: the most bytes of blobs this caller may send (checked on the declared sizes,
         before any memory is reserved), or None.
       sizes_ok: optional ``f(header) -> str | None``: a refusal reason for the declared sizes.
+      header: the header, if the caller has already read it from the stream.
 
     Raises:
       FrameError: a bad header, sizes over the limit, or a stream longer or shorter than it
         declared.
     """
-    try:
-        header = parse_header(next(request_iterator))
-    except StopIteration:
-        raise FrameError("empty request") from None
+    if header is None:
+        try:
+            header = parse_header(next(request_iterator))
+        except StopIteration:
+            raise FrameError("empty request") from None
     sizes = header["sizes"]
     if limit is not None and sum(sizes) > limit:
         raise FrameError(f"declares {sum(sizes)} bytes, more than the {limit} allowed")

@@ -252,7 +252,12 @@ class Client:
             time.sleep(0.5)
 
     def _query_once(self, bucket: str, arrays: list[np.ndarray]):
-        from mpcformer_jax.private.runtime import make_shares, share_bytes, shares_to_blobs
+        from mpcformer_jax.private.runtime import (
+            blobs_to_shares,
+            make_shares,
+            share_bytes,
+            shares_to_blobs,
+        )
 
         names = ("x:0", "x:1")
         shares = make_shares(self.io, dict(zip(names, arrays, strict=True)))
@@ -296,8 +301,6 @@ class Client:
             if header.get("query_id") != qid:
                 failure = failure or QueryError(f"node {node} answered another query")
                 continue
-            from mpcformer_jax.private.runtime import blobs_to_shares
-
             outs += blobs_to_shares(header["counts"], blobs)
             profiles.append({**header["profile"], "client_bytes": sent})
         if failure is not None or len(outs) < len(calls):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import queue
 import re
@@ -213,7 +214,7 @@ class Node:
             i += n
             programs[bucket] = prog
             executables[bucket] = [seg.load() for seg in prog.segments]
-            input_bytes[bucket] = [_numel(s) * self.per_elem for s in prog.input_shapes]
+            input_bytes[bucket] = [math.prod(s) * self.per_elem for s in prog.input_shapes]
             digests[bucket] = program_digest(prog)
         names = next(iter(programs.values())).param_names
         if any(p.param_names != names for p in programs.values()):
@@ -266,8 +267,7 @@ class Node:
             qid = header.get("query_id")
             if not isinstance(qid, str) or not _QID.fullmatch(qid):
                 raise transport.FrameError("query_id must be 32 hex digits")
-            header, blobs = transport.receive_stream(
-                _prepend(json.dumps(header).encode(), request_iterator), None, sizes_ok)
+            header, blobs = transport.receive_stream(request_iterator, None, sizes_ok, header)
             shares = blobs_to_shares(header["counts"], blobs)
         except (transport.FrameError, ValueError, StopIteration) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad query: {err}")
@@ -465,18 +465,6 @@ class Node:
                                  "profile": profile}, blobs))
         with self.lock:
             self.queries.pop(qid, None)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _prepend(first: bytes, rest):
-    yield first
-    yield from rest
 
 
 def node_main(cluster: ClusterConfig, rank: int, ident: Identity,
