@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     mesh = parallel.make_mesh()
     rep = parallel.replicated(mesh)
     teacher = BertConfig.minilm_l6(num_labels=2)
-    config = teacher.with_approx("quad", "2quad") if args.kind == "layerwise" else teacher
+    config = teacher.with_approximation("quad+2quad") if args.kind == "layerwise" else teacher
     params = init_params(config, 0)
     tx = make_optimizer(StageConfig(), total_steps=1000)
     if args.kind == "layerwise":

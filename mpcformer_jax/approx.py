@@ -1,9 +1,11 @@
-"""MPC-friendly replacements for BERT's two expensive nonlinearities, by name.
+"""MPC-friendly replacements for BERT's three expensive nonlinearities, by name.
 
-Two registries: ``GELU_APPROX`` (the FFN activation) and ``SOFTMAX_APPROX`` (the attention
-normaliser). Configs carry names, never callables, so a config stays hashable and can be a
-static argument of ``jax.jit`` and of SPU compilation. Adding an approximation is one function
-and one registry entry.
+Three registries, one per slot: ``GELU_APPROX`` (the FFN activation), ``SOFTMAX_APPROX`` (the
+attention normaliser) and ``NORM_APPROX`` (the residual-stream normalisation, LayerNorm).
+``Approximation`` names one choice for all three slots; it is the one vocabulary configs, the
+benchmark and the results tables use. Configs carry names, never callables, so a config stays
+hashable and can be a static argument of ``jax.jit`` and of SPU compilation. Adding an
+approximation is one function and one registry entry.
 
 Every normaliser takes the attention scores (already scaled by 1/sqrt(head_dim)) and a 0/1 key
 mask broadcastable to the scores, and applies the mask *multiplicatively*: under SPU's fixed
@@ -15,6 +17,7 @@ iterative protocol, a multiplication is one round.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +66,17 @@ def quad(x: Array) -> Array:
     # where the expanded form costs a third fixed-point truncation (x * 0.25). Under ABY3 this
     # cut the activation's bytes by 26% (10.1 -> 7.5 MiB per 98,304 elements).
     return 0.125 * jnp.square(x + 1.0) + 0.375
+
+
+def quad_folded(x: Array) -> Array:
+    """quad with its constants moved into the next layer: (x + 1)^2.
+
+    0.125 (x + 1)^2 + 0.375 followed by a Dense layer (W, b) equals (x + 1)^2 followed by
+    (0.125 W, b + 0.375 * column sums of W); ``models.fold`` does that in plaintext before the
+    weights are shared, which saves one truncation per FFN element under MPC. Not a registry
+    entry: the model uses it in place of ``quad`` in a folded model only.
+    """
+    return jnp.square(x + 1.0)
 
 
 # PUMA (Dong et al., 2023, "PUMA: Secure Inference of LLaMA-7B in Five Minutes", Sec. 4.2),
@@ -196,6 +210,73 @@ def puma_softmax(scores: Array, mask: Array, *, values: Array | None = None):
     return _finish(jnp.exp(shifted) * kept, mask, values)
 
 
+# Newton's iteration from a calibrated start: no bit decomposition. SPU's own reciprocal and
+# rsqrt first normalise their input into [0.5, 1) by locating its highest bit, which costs a
+# secret bit decomposition (about 60 of a reciprocal's ~70 rounds under ABY3). When training
+# data bounds the input, a fixed start below the answer and a fixed number of steps need only
+# multiplications (two or three rounds a step).
+RECIPROCAL_STEPS = 7
+RSQRT_STEPS = 7
+
+
+def newton_reciprocal(d: Array, bound: float, steps: int = RECIPROCAL_STEPS) -> Array:
+    """1/d by ``steps`` Newton steps y <- y (2 - d y) from y0 = 1/bound.
+
+    For 0 < d <= bound the iterates rise monotonically towards 1/d with relative error
+    (1 - d/bound)^(2^steps): with 7 steps, below 1e-3 for d in [bound/19, bound] and below 5%
+    for d in [bound/43, bound]. Above the bound it converges (slowly) up to 2 bound and
+    diverges beyond. ``bound`` is public (a
+    calibration constant of the model, see ``models.calibrate``).
+    """
+    y = jnp.full_like(d, 1.0 / bound) * (2.0 - d * (1.0 / bound))  # the first step, one product
+    for _ in range(steps - 1):
+        y = y * (2.0 - d * y)
+    return y
+
+
+def newton_rsqrt(v: Array, bound: float, steps: int = RSQRT_STEPS) -> Array:
+    """1/sqrt(v) by ``steps`` Newton steps y <- y (3 - v y^2) / 2 from y0 = 1/sqrt(bound).
+
+    For 0 < v <= bound the iterates rise monotonically towards 1/sqrt(v) (each step multiplies
+    a far-off iterate by up to 1.5): with 7 steps, within 1e-3 for v in [bound/40, bound] and
+    within 10% for v in [bound/160, bound]. Above the bound it converges (slowly) up to
+    3 bound and diverges beyond. ``bound`` is
+    public (see ``models.calibrate``).
+    """
+    y0 = bound ** -0.5
+    y = (1.5 * y0) - (0.5 * y0 ** 3) * v  # the first step: products with public constants only
+    for _ in range(steps - 1):
+        y = y * (1.5 - 0.5 * v * jnp.square(y))
+    return y
+
+
+def two_quad_newton(scores: Array, mask: Array, c: float = 5.0, *, values: Array | None = None,
+                    bound: float = 50.0):
+    """2Quad with a calibrated reciprocal: (s + c)^2 * mask / row sum, the row sum's inverse by
+    ``newton_reciprocal`` (7 steps, no bit decomposition).
+
+    ``bound``: an upper bound of (row sum / padded length), calibrated per layer on training
+    data (``models.calibrate``); dividing by the public padded length keeps one bound for
+    every bucket. Row sums in [bound/40, bound] get a reciprocal within 5% (the model is
+    distilled with it, so it adapts to the function rather than to softmax). The default,
+    2 c^2, suits scores near zero (an uncalibrated model). ``values``: see ``_finish``.
+    """
+    weights = jnp.square(scores + c)
+    length = scores.shape[-1]
+    if values is None:
+        masked = weights * mask
+        return masked * _calibrated_reciprocal(jnp.sum(masked, -1, keepdims=True), bound * length)
+    key_mask = mask.reshape(mask.shape[0], mask.shape[-1])
+    masked_values = values * key_mask[:, :, None, None].astype(values.dtype)
+    denom = jnp.einsum("bhqk,bk->bhq", weights, key_mask.astype(weights.dtype))[..., None]
+    return weights, masked_values, _calibrated_reciprocal(denom, bound * length)
+
+
+def _calibrated_reciprocal(denom: Array, bound: float) -> Array:
+    # Named so cost attribution counts it with the attention normaliser (private/compile.py).
+    return newton_reciprocal(denom, bound)
+
+
 # ---------------------------------------------------------------- linear floor
 # The cost floor of issue 5: the same network with nothing in the nonlinearities' places.
 # Not a usable model; present so a benchmark can name it like any other variant.
@@ -214,9 +295,69 @@ def mask_only(scores: Array, mask: Array, *, values: Array | None = None):
     return _finish(scores, mask, values, normalise=False)
 
 
+# ------------------------------------------------------- residual normalisation
+# Every entry maps (x, scale, bias) over the last axis, with the LayerNorm's own parameters
+# (same names, same shapes), so a student starts from its teacher's weights and the HF folder
+# keeps its layout. ``bound`` is the site's calibration constant (``models.calibrate``).
+
+
+def layernorm(x: Array, scale: Array, bias: Array, *, eps: float = 1e-12,
+              bound: float | None = None) -> Array:
+    """Exact LayerNorm, (x - mean) / sqrt(var + eps) * scale + bias (Ba et al., 2016).
+
+    BERT's own; holds everywhere. The model runs flax's ``nn.LayerNorm`` for this entry
+    (the same function, kept for bit-identical HF parity); this is its reference form.
+    """
+    del bound
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def affine_norm(x: Array, scale: Array, bias: Array, *, eps: float = 1e-12,
+                bound: float | None = None) -> Array:
+    """A frozen per-channel affine map, x * scale + bias: LayerNorm with its per-token
+    statistics replaced by constants (BatchNorm at inference; Powerformer's LayerNorm ->
+    linear replacement for HE inference, 2024).
+
+    No statistic of the token is computed: one product per element, no reciprocal, no
+    square root. Initialised from the teacher by a per-channel least-squares fit of its
+    LayerNorm's output on its input over training tokens (``models.calibrate``); then
+    distilled. Valid for any input; not an approximation pointwise (a token whose variance
+    is far from the typical one is not rescaled).
+    """
+    del eps, bound
+    return x * scale + bias
+
+
+def layernorm_newton(x: Array, scale: Array, bias: Array, *, eps: float = 1e-12,
+                     bound: float | None = None) -> Array:
+    """LayerNorm whose 1/sqrt(var + eps) is ``newton_rsqrt`` (7 steps from 1/sqrt(bound)).
+
+    ``bound``: an upper bound of the token variance at this site, calibrated on training
+    data (``models.calibrate``). Equals LayerNorm within 1e-3 for variances in
+    [bound/40, bound] and 10% in [bound/160, bound]; a token of smaller variance is
+    normalised less (its output shrinks towards the bias), one above 3 bound diverges.
+    No bit decomposition: about three products a step.
+    """
+    mean = jnp.mean(x, -1, keepdims=True)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), -1, keepdims=True)
+    inv = newton_rsqrt(var + eps, 1.0 if bound is None else bound)
+    return centred * inv * scale + bias
+
+
+def identity_norm(x: Array, scale: Array, bias: Array, *, eps: float = 1e-12,
+                  bound: float | None = None) -> Array:
+    """No normalisation, f(x) = x. For a linear floor without LayerNorm; not a usable model."""
+    del scale, bias, eps, bound
+    return x
+
+
 ActivationFn = Callable[[Array], Array]
 # (scores, mask) -> probabilities; also (scores, mask, values=v) -> (weights, values, recip).
 NormaliserFn = Callable[..., Any]
+NormFn = Callable[..., Array]
 
 GELU_APPROX: dict[str, ActivationFn] = {
     "gelu": gelu,
@@ -232,8 +373,19 @@ SOFTMAX_APPROX: dict[str, NormaliserFn] = {
     "2quad": two_quad,
     "2relu": two_relu,
     "puma": puma_softmax,
+    "2quad_newton": two_quad_newton,
     "identity": mask_only,
 }
+
+NORM_APPROX: dict[str, NormFn] = {
+    "layernorm": layernorm,
+    "affine": affine_norm,
+    "layernorm_newton": layernorm_newton,
+    "identity": identity_norm,
+}
+
+# Entries that read a calibration constant (``bound``) per site: the model passes it.
+CALIBRATED = frozenset({"2quad_newton", "layernorm_newton"})
 
 
 def _lookup(registry: dict, kind: str, name: str):
@@ -254,3 +406,64 @@ def get_activation(name: str) -> ActivationFn:
 def get_normaliser(name: str) -> NormaliserFn:
     """Returns the softmax replacement registered as ``name``; ValueError lists the valid names."""
     return _lookup(SOFTMAX_APPROX, "softmax", name)
+
+
+def get_norm(name: str) -> NormFn:
+    """Returns the LayerNorm replacement registered as ``name``; ValueError lists the names."""
+    return _lookup(NORM_APPROX, "normalisation", name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Approximation:
+    """One choice for each of the three slots, by registry name.
+
+    ``name`` is the choice's one spelling, ``<activation>+<softmax>[+<norm>]`` (the norm is
+    left out when it is exact LayerNorm, so MPCFormer's pairs keep their names: "quad+2quad").
+    ``parse`` reads that spelling back, plus two aliases: "exact" (BERT itself) and "floor"
+    (nothing in the activation's and the attention normaliser's places, LayerNorm kept: the
+    cost floor of MPCFormer's two replacements).
+    """
+
+    activation: str = "gelu"
+    softmax: str = "softmax"
+    norm: str = "layernorm"
+
+    def __post_init__(self):
+        get_activation(self.activation)
+        get_normaliser(self.softmax)
+        get_norm(self.norm)
+
+    @property
+    def name(self) -> str:
+        parts = [self.activation, self.softmax] + ([self.norm] if self.norm != "layernorm" else [])
+        return "+".join(parts)
+
+    @property
+    def label(self) -> str:
+        """``name``, or "exact" / "floor" for those two."""
+        return {EXACT: "exact", FLOOR: "floor"}.get(self, self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, text: str | Approximation) -> Approximation:
+        """"quad+2quad", "quad+2quad_newton+affine", "exact" or "floor" -> Approximation."""
+        if isinstance(text, Approximation):
+            return text
+        text = text.strip()
+        if text in _ALIASES:
+            return _ALIASES[text]
+        parts = text.split("+")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(
+                f"Approximation {text!r} must read '<gelu>+<softmax>' or "
+                "'<gelu>+<softmax>+<norm>' (e.g. 'quad+2quad', 'quad+2quad+affine'), or be "
+                f"'exact' or 'floor'. Activations: {', '.join(sorted(GELU_APPROX))}; softmax: "
+                f"{', '.join(sorted(SOFTMAX_APPROX))}; norms: {', '.join(sorted(NORM_APPROX))}.")
+        return cls(*parts)
+
+
+EXACT = Approximation()
+FLOOR = Approximation("identity", "identity")
+_ALIASES = {"exact": EXACT, "floor": FLOOR}

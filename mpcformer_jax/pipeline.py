@@ -1,8 +1,8 @@
 """The whole MPCFormer recipe as one importable function, ``run_pipeline(DistillConfig)``.
 
-    teacher = fine-tune(pretrained, exact GeLU + softmax)               [labels]
-    for each approximation pair (e.g. quad+2quad):
-        student = teacher weights + approximations (+ layer map)
+    teacher = fine-tune(pretrained, exact GeLU + softmax + LayerNorm)    [labels]
+    for each approximation (e.g. quad+2quad, quad+2quad+affine):
+        student = teacher weights + approximations (+ layer map), calibrated on the teacher
         stage 1: layer-wise KD (embeddings, hidden states, attention scores)
         stage 2: prediction KD (soft cross-entropy at a temperature / MSE)
         baseline: the same student fine-tuned on labels, no distillation
@@ -25,10 +25,13 @@ from typing import Any
 
 import jax
 
-from mpcformer_jax.data import load_task, tokenize_split
+from mpcformer_jax.approx import EXACT, Approximation
+from mpcformer_jax.data import batches, load_task, tokenize_split
 from mpcformer_jax.models import BertConfig, load_pretrained, resolve_checkpoint, save_pretrained
+from mpcformer_jax.models.calibrate import calibrate
+from mpcformer_jax.models.public_table import mark_public, word_table
 from mpcformer_jax.train import parallel
-from mpcformer_jax.train.config import DistillConfig, parse_pair
+from mpcformer_jax.train.config import DistillConfig
 from mpcformer_jax.train.evaluation import JsonlLog, evaluate
 from mpcformer_jax.train.loop import RunContext, run_stage
 from mpcformer_jax.train.objectives import LayerwiseObjective, PredictionObjective, TaskObjective
@@ -86,24 +89,39 @@ def check_config(cfg: DistillConfig) -> Plan:
     return Plan(cfg, model, tuple(layer_map))
 
 
-def make_student(teacher_config: BertConfig, teacher_params, pair: str,
-                 layer_map: tuple[int, ...]) -> tuple[BertConfig, Any]:
-    """The teacher's architecture with the pair's approximations, initialised from its weights.
+# Training batches the calibration of a student reads (models.calibrate).
+CALIBRATION_BATCHES, CALIBRATION_BATCH_SIZE = 8, 32
+
+
+def make_student(teacher_config: BertConfig, teacher_params, approximation: str | Approximation,
+                 layer_map: tuple[int, ...], calibration_data=None) -> tuple[BertConfig, Any]:
+    """The teacher's architecture with other approximations, initialised from its weights.
 
     Args:
       teacher_config, teacher_params: the fine-tuned teacher.
-      pair: "<gelu>+<softmax>", e.g. "quad+2quad".
+      approximation: e.g. "quad+2quad" or "quad+2quad_newton+affine".
       layer_map: the teacher layer each student layer copies (and imitates in stage 1).
+      calibration_data: training batches (dicts of input_ids, attention_mask) for the
+        replacements that are calibrated on the teacher (``models.calibrate``); required
+        for those.
 
     Returns:
       ``(student_config, student_params)``; params are host copies (the teacher is untouched).
     """
-    act, norm = parse_pair(pair)
-    config = teacher_config.with_approx(act, norm).replace(num_hidden_layers=len(layer_map))
+    config = teacher_config.with_approximation(approximation).replace(
+        num_hidden_layers=len(layer_map))
     params = parallel.host_params(teacher_params)
     layers = params["bert"]["encoder"]["layer"]
     params["bert"]["encoder"]["layer"] = {str(i): layers[str(j)] for i, j in enumerate(layer_map)}
-    return config, params
+    if calibration_data is None:
+        from mpcformer_jax.models.calibrate import needs_calibration
+
+        if needs_calibration(config):
+            raise ValueError(f"{config.approximation} is calibrated on the teacher: pass "
+                             "calibration_data (training batches).")
+        return config, params
+    return calibrate(config, params, teacher_config, teacher_params, calibration_data,
+                     layer_map)
 
 
 def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
@@ -160,6 +178,8 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     teacher_config, params, tokenizer = load_pretrained(
         cfg.model, num_labels=task.num_labels, seed=cfg.seed,
         label_names=tuple(task.label_names or ()))
+    # The pretrained table, which a frozen table must still equal at export.
+    public_table = word_table(params).copy() if cfg.public_word_embeddings else None
     if tokenizer is None:
         raise ValueError(f"Model {cfg.model!r} has no tokenizer files.")
     data = {name: tokenize_split(split, tokenizer, cfg.max_length, teacher_config.max_length)
@@ -167,7 +187,8 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     run_log.write(event="data", task=cfg.task, **{k: len(v) for k, v in data.items()})
     ctx = RunContext(mesh=mesh, log=run_log, metric_names=tuple(task.metrics),
                      buckets=cfg.buckets or None, eval_batch_size=cfg.eval_batch_size,
-                     seed=cfg.seed, run_config=cfg.to_dict())
+                     seed=cfg.seed, run_config=cfg.to_dict(),
+                     frozen=("word_embeddings",) if cfg.public_word_embeddings else ())
 
     def stage(name, objective, stage_cfg, config, start_params, ckpt):
         return run_stage(name, objective, stage_cfg, config, start_params, data["train"],
@@ -176,6 +197,8 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     def export(path, config, model_params):
         # Every process holds the same params; one writer keeps the folder swap atomic.
         host = parallel.host_params(model_params)
+        if public_table is not None:
+            config = mark_public(config, host, cfg.model, public_table)
         return save_pretrained(path, config, host, tokenizer) if parallel.is_primary() else path
 
     def test_score(config, model_params, desc):
@@ -184,7 +207,7 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
 
     teacher = stage("teacher", TaskObjective(), cfg.teacher, teacher_config, params,
                     out / "ckpt" / "teacher")
-    rows = [{"model": "teacher", "approx": "gelu+softmax", "dev": teacher.dev.get("main"),
+    rows = [{"model": "teacher", "approx": EXACT.name, "dev": teacher.dev.get("main"),
              "test": test_score(teacher_config, teacher.params, "teacher test")}]
     export(out / "teacher", teacher_config, teacher.params)
     teacher_main = rows[0]["test"]["main"]
@@ -193,11 +216,14 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
                                    cfg.layerwise_weights)
     prediction = PredictionObjective(teacher_config, teacher.params, cfg.temperature)
     exports = {}
-    for pair in cfg.approximations:
+    calibration_data = [b for _, b in zip(range(CALIBRATION_BATCHES), batches(
+        data["train"], CALIBRATION_BATCH_SIZE, ctx.buckets, shuffle=True, seed=cfg.seed))]
+    for name in cfg.approximations:
+        pair = Approximation.parse(name).name
         where = out if len(cfg.approximations) == 1 else out / pair
         ckpt = out / "ckpt" / pair
         student_config, student_params = make_student(teacher_config, teacher.params, pair,
-                                                      plan.layer_map)
+                                                      plan.layer_map, calibration_data)
         s1 = stage(f"{pair} stage1", layerwise, cfg.stage1, student_config, student_params,
                    ckpt / "stage1")
         s2 = stage(f"{pair} stage2", prediction, cfg.stage2, student_config, s1.params,

@@ -141,4 +141,4 @@ def test_config_validation():
         BertConfig.tiny(num_labels=3, label_names=("a", "b"))
     config = BertConfig.tiny()
     assert hash(config) == hash(BertConfig.tiny())  # usable as a jit static argument
-    assert config.with_approx("quad", "2quad").softmax_act == "2quad"
+    assert config.with_approximation("quad+2quad").softmax_act == "2quad"

@@ -26,7 +26,7 @@ from mpcformer_jax.train import parallel
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = BertConfig.tiny(num_labels=2, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0)
-STUDENT = TEACHER.with_approx("quad", "2quad")
+STUDENT = TEACHER.with_approximation("quad+2quad")
 
 # One stage-1 run of 3 steps (dropout off, so only the data split differs between layouts).
 # Multi-process runs take their role from the JAX_* variables the README documents; each

@@ -17,7 +17,7 @@ from mpcformer_jax.train.optim import decay_mask
 
 TEACHER = BertConfig.tiny(num_labels=2, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0)
-STUDENT = TEACHER.with_approx("quad", "2quad")
+STUDENT = TEACHER.with_approximation("quad+2quad")
 BUCKETS = (16, 24)
 
 

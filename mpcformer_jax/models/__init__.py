@@ -8,6 +8,7 @@ from mpcformer_jax.models.bert import (
     make_apply,
 )
 from mpcformer_jax.models.config import BertConfig
+from mpcformer_jax.models.fold import fold
 from mpcformer_jax.models.hf_io import (
     CheckpointError,
     load_pretrained,
@@ -20,6 +21,7 @@ __all__ = [
     "BertForSequenceClassification",
     "BertModel",
     "CheckpointError",
+    "fold",
     "forward",
     "init_params",
     "load_pretrained",

@@ -29,8 +29,49 @@ def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
     return nn.Dense(features, kernel_init=init, name=name)
 
 
-def _layer_norm(config: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
+class NormApprox(nn.Module):
+    """A LayerNorm replacement of ``approx.NORM_APPROX`` with LayerNorm's parameters.
+
+    Same parameter names and shapes as ``nn.LayerNorm`` (``scale``, ``bias``), so a student
+    starts from its teacher's weights and the HF folder keeps its layout.
+    """
+
+    config: BertConfig
+    site: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        bound = cfg.norm_bound(self.site)
+        extra = {} if bound is None else {"bound": bound}
+        return approx.get_norm(cfg.norm_act)(x, scale, bias, eps=cfg.layer_norm_eps, **extra)
+
+
+def _residual_norm(config: BertConfig, site: int, name: str = "LayerNorm") -> nn.Module:
+    """The residual-stream normalisation at ``site`` (0 = embedding, then 2 per layer).
+
+    Exact LayerNorm is flax's own module (bit-identical to the checkpoints' training);
+    every replacement is a ``NormApprox`` with the same parameters.
+    """
+    if config.norm_act == "layernorm":
+        return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
+    return NormApprox(config, site, name=name)
+
+
+class _DenseParams(nn.Module):
+    """The kernel and bias of a Dense layer, returned instead of applied (for fusing)."""
+
+    in_features: int
+    features: int
+    stddev: float
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        kernel = self.param("kernel", nn.initializers.normal(stddev=self.stddev),
+                            (self.in_features, self.features))
+        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
 
 
 def _lookup(table: nn.Embed, ids: Array) -> Array:
@@ -49,16 +90,15 @@ class BertEmbeddings(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids: Array, token_type_ids: Array | None, deterministic: bool):
+    def __call__(self, input_ids: Array | None, token_type_ids: Array | None,
+                 deterministic: bool, word_vectors: Array | None = None):
         cfg = self.config
         init = nn.initializers.normal(stddev=cfg.initializer_range)
-        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
-                         name="word_embeddings")
         positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                              name="position_embeddings")
         types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
                          name="token_type_embeddings")
-        seq_len = input_ids.shape[1]
+        seq_len = (input_ids if word_vectors is None else word_vectors).shape[1]
         # Positions are public: they depend on the padded length only. Right padding is
         # assumed (padded positions are masked out of every attention row).
         pos = positions.embedding[cfg.position_offset: cfg.position_offset + seq_len]
@@ -67,35 +107,55 @@ class BertEmbeddings(nn.Module):
             tok_types = types.embedding[0]
         else:
             tok_types = _lookup(types, token_type_ids)
-        x = _lookup(words, input_ids) + pos[None] + tok_types
-        x = _layer_norm(cfg)(x)
+        if word_vectors is None:
+            words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                             name="word_embeddings")
+            word_vectors = _lookup(words, input_ids)
+        # else: the client looked its tokens up in the public table itself (the table is not
+        # a parameter of this call; positions, token types and the norm stay secret).
+        x = word_vectors + pos[None] + tok_types
+        x = _residual_norm(cfg, 0)(x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
     config: BertConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool):
         cfg = self.config
-        batch, seq_len, _ = x.shape
+        batch, seq_len, hidden = x.shape
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
 
         def split(t):
             return t.reshape(batch, seq_len, heads, head_dim)
 
+        # Q, K and V as one (H x 3H) product: under MPC one matmul and one truncation where
+        # three would run one after another (two rounds fewer per layer). The parameters stay
+        # HF's three Dense layers.
+        parts = [_DenseParams(hidden, cfg.hidden_size, cfg.initializer_range, name=n)()
+                 for n in ("query", "key", "value")]
+        if cfg.fuse_qkv:
+            kernel = jnp.concatenate([k for k, _ in parts], axis=1)
+            bias = jnp.concatenate([b for _, b in parts])
+            q, k, v = jnp.split(x @ kernel + bias, 3, axis=-1)
+        else:
+            q, k, v = (x @ kernel + bias for kernel, bias in parts)
         # The 1/sqrt(head_dim) scale goes on q (L x d per head) rather than on the scores
         # (L x L): the same product, half the fixed-point truncations under MPC at L = 128.
-        q = split(_dense(cfg, cfg.hidden_size, "query")(x)) * (1.0 / math.sqrt(head_dim))
-        k = split(_dense(cfg, cfg.hidden_size, "key")(x))
-        v = split(_dense(cfg, cfg.hidden_size, "value")(x))
+        # A model folded for MPC (``models.fold``) has it in the query weights already.
+        q = split(q) if cfg.folded else split(q) * (1.0 / math.sqrt(head_dim))
+        k, v = split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         key_mask = mask[:, None, None, :].astype(scores.dtype)
         # probs @ v computed as (weights @ masked v) * (1 / row sums): the mask and the
         # division touch L x d elements per head instead of L x L (approx._finish). Dropout
         # on the weights equals dropout on the probabilities: the division is per row.
+        bound = cfg.softmax_bound(self.layer)
+        extra = {} if bound is None else {"bound": bound}
         weights, values, reciprocal = approx.get_normaliser(cfg.softmax_act)(
-            scores, key_mask, values=v)
+            scores, key_mask, values=v, **extra)
         weights = nn.Dropout(cfg.attention_probs_dropout_prob)(weights,
                                                                deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bhqd", weights, values)
@@ -109,22 +169,26 @@ class BertResidualOutput(nn.Module):
     """dense -> dropout -> LayerNorm(residual + .): HF's ``*Output`` blocks."""
 
     config: BertConfig
+    site: int = 1
 
     @nn.compact
     def __call__(self, x: Array, residual: Array, deterministic: bool):
         cfg = self.config
         x = _dense(cfg, cfg.hidden_size, "dense")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-        return _layer_norm(cfg)(x + residual)
+        return _residual_norm(cfg, self.site)(x + residual)
 
 
 class BertAttention(nn.Module):
     config: BertConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool):
-        context, scores = BertSelfAttention(self.config, name="self")(x, mask, deterministic)
-        out = BertResidualOutput(self.config, name="output")(context, x, deterministic)
+        context, scores = BertSelfAttention(self.config, self.layer, name="self")(
+            x, mask, deterministic)
+        out = BertResidualOutput(self.config, 1 + 2 * self.layer, name="output")(
+            context, x, deterministic)
         return out, scores
 
 
@@ -134,17 +198,23 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x: Array):
         x = _dense(self.config, self.config.intermediate_size, "dense")(x)
+        if self.config.folded and self.config.hidden_act == "quad":
+            # quad's constants live in the weights of a folded model (``models.fold``).
+            return approx.quad_folded(x)
         return approx.get_activation(self.config.hidden_act)(x)
 
 
 class BertLayer(nn.Module):
     config: BertConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool):
-        attended, scores = BertAttention(self.config, name="attention")(x, mask, deterministic)
+        attended, scores = BertAttention(self.config, self.layer, name="attention")(
+            x, mask, deterministic)
         hidden = BertIntermediate(self.config, name="intermediate")(attended)
-        out = BertResidualOutput(self.config, name="output")(hidden, attended, deterministic)
+        out = BertResidualOutput(self.config, 2 + 2 * self.layer, name="output")(
+            hidden, attended, deterministic)
         return out, scores
 
 
@@ -155,7 +225,7 @@ class BertLayerStack(nn.Module):
     def __call__(self, x: Array, mask: Array, deterministic: bool):
         hidden_states, scores = [], []
         for i in range(self.config.num_hidden_layers):
-            x, s = BertLayer(self.config, name=str(i))(x, mask, deterministic)
+            x, s = BertLayer(self.config, i, name=str(i))(x, mask, deterministic)
             hidden_states.append(x)
             scores.append(s)
         return x, tuple(hidden_states), tuple(scores)
@@ -188,9 +258,10 @@ class BertModel(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True,
+                 word_vectors=None):
         emb = BertEmbeddings(self.config, name="embeddings")(input_ids, token_type_ids,
-                                                             deterministic)
+                                                             deterministic, word_vectors)
         x, hidden_states, scores = BertEncoder(self.config, name="encoder")(
             emb, attention_mask, deterministic)
         pooled = BertPooler(self.config, name="pooler")(x)
@@ -211,10 +282,10 @@ class BertForSequenceClassification(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True,
-                 output_intermediates=False):
+                 output_intermediates=False, word_vectors=None):
         cfg = self.config
         _, pooled, intermediates = BertModel(cfg, name="bert")(
-            input_ids, attention_mask, token_type_ids, deterministic)
+            input_ids, attention_mask, token_type_ids, deterministic, word_vectors)
         pooled = nn.Dropout(cfg.hidden_dropout_prob)(pooled, deterministic=deterministic)
         logits = _dense(cfg, cfg.num_labels, "classifier")(pooled)
         return (logits, intermediates) if output_intermediates else logits
@@ -232,24 +303,28 @@ def init_params(config: BertConfig, rng: Array | int = 0) -> dict[str, Any]:
 
 
 def forward(config: BertConfig, params, input_ids, attention_mask, token_type_ids=None, *,
-            deterministic: bool = True, output_intermediates: bool = False, rngs=None):
+            deterministic: bool = True, output_intermediates: bool = False, rngs=None,
+            word_vectors=None):
     """The model as a pure function of its parameters and inputs (config is static).
 
     Args:
       config: the model's hyperparameters and approximation names.
       params: the parameter tree (as from ``init_params`` or ``load_pretrained``).
-      input_ids: (B, L) int token ids, or (B, L, vocab) one-hot rows (the private path).
+      input_ids: (B, L) int token ids, or (B, L, vocab) one-hot rows (the private path), or
+        None when ``word_vectors`` are given.
       attention_mask: (B, L) 0/1, 1 for real tokens.
       token_type_ids: optional (B, L) segment ids, or (B, L, type_vocab) one-hot.
       deterministic: False enables dropout (then ``rngs={"dropout": key}`` is needed).
       output_intermediates: also return the layer-wise intermediates.
+      word_vectors: (B, L, hidden) rows of the word-embedding table, looked up by the caller
+        (the private path of a model whose table is public); ``params`` then need no table.
 
     Returns:
       Logits (B, num_labels), or ``(logits, intermediates)``.
     """
     return BertForSequenceClassification(config).apply(
         {"params": params}, input_ids, attention_mask, token_type_ids, deterministic,
-        output_intermediates, rngs=rngs)
+        output_intermediates, word_vectors, rngs=rngs)
 
 
 def make_apply(config: BertConfig):

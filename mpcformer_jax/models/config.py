@@ -29,6 +29,22 @@ class BertConfig:
     Attributes mirror Hugging Face's ``BertConfig`` where they share a name. Beyond them:
       hidden_act: name in ``approx.GELU_APPROX`` used in every FFN ("gelu" is BERT's own).
       softmax_act: name in ``approx.SOFTMAX_APPROX`` used as the attention normaliser.
+      norm_act: name in ``approx.NORM_APPROX`` used for every residual normalisation (the
+        embedding's and two per layer; "layernorm" is BERT's own).
+      norm_bounds: calibration constants of a calibrated norm (``approx.CALIBRATED``), one
+        per normalisation site in forward order (embedding, then attention and FFN output of
+        each layer); empty means the entry's default everywhere. Public, like the architecture: they are
+        constants of the compiled program (``models.calibrate`` sets them).
+      softmax_bounds: the same for a calibrated attention normaliser, one per layer.
+      fuse_qkv: compute Q, K and V as one matmul (the parameters stay three Dense layers);
+        False only to check that fusing changes nothing.
+      folded: public constants are folded into the weights (``models.fold``): the attention
+        scale into the query weights, quad's constants into the FFN output weights. Set by
+        the owner for private inference, never for training.
+      public_table_source, public_table_sha256: set when the word-embedding table is the
+        public checkpoint's, unchanged (frozen through fine-tuning and distillation): the
+        checkpoint to take it from and the table's hash. A private-inference client then
+        looks its tokens up itself and shares vectors instead of one-hot rows.
       num_labels: classes of the head; 1 means regression (MSE, as HF's ``problem_type``).
       label_names: display names of the classes (``id2label``), empty for LABEL_i.
       is_roberta: RoBERTa's layout: positions start at ``pad_token_id + 1`` and the
@@ -49,6 +65,13 @@ class BertConfig:
     pad_token_id: int = 0
     hidden_act: str = "gelu"
     softmax_act: str = "softmax"
+    norm_act: str = "layernorm"
+    norm_bounds: tuple[float, ...] = ()
+    softmax_bounds: tuple[float, ...] = ()
+    public_table_source: str = ""
+    public_table_sha256: str = ""
+    fuse_qkv: bool = True
+    folded: bool = False
     num_labels: int = 2
     is_roberta: bool = False
     label_names: tuple[str, ...] = ()
@@ -56,6 +79,17 @@ class BertConfig:
     def __post_init__(self):
         approx.get_activation(self.hidden_act)  # raises with the valid names
         approx.get_normaliser(self.softmax_act)
+        approx.get_norm(self.norm_act)
+        sites = {"norm_bounds": 1 + 2 * self.num_hidden_layers,
+                 "softmax_bounds": self.num_hidden_layers}
+        for field, n in sites.items():
+            bounds = getattr(self, field)
+            if bounds and (len(bounds) != n or not all(b > 0 for b in bounds)):
+                raise ValueError(f"{field} must hold {n} positive numbers (one per site) or "
+                                 f"none, got {bounds}.")
+        if bool(self.public_table_source) != bool(self.public_table_sha256):
+            raise ValueError("public_table_source and public_table_sha256 go together: set "
+                             "both (a public word-embedding table) or neither.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
@@ -99,9 +133,28 @@ class BertConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def with_approx(self, hidden_act: str, softmax_act: str) -> BertConfig:
-        """The same architecture with other approximations: how a student is made."""
-        return self.replace(hidden_act=hidden_act, softmax_act=softmax_act)
+    @property
+    def approximation(self) -> approx.Approximation:
+        """The three slots' choice as one value."""
+        return approx.Approximation(self.hidden_act, self.softmax_act, self.norm_act)
+
+    def with_approximation(self, choice: approx.Approximation | str) -> BertConfig:
+        """The same architecture with other approximations: how a student is made.
+
+        Calibration constants are dropped (they belong to the old choice's sites)."""
+        a = approx.Approximation.parse(choice)
+        return self.replace(hidden_act=a.activation, softmax_act=a.softmax, norm_act=a.norm,
+                            norm_bounds=(), softmax_bounds=())
+
+    def norm_bound(self, site: int) -> float | None:
+        """The calibration constant of normalisation site ``site`` (None if uncalibrated:
+        the registry entry's default)."""
+        return self.norm_bounds[site] if self.norm_bounds else None
+
+    def softmax_bound(self, layer: int) -> float | None:
+        """The calibration constant of layer ``layer``'s attention normaliser (None if
+        uncalibrated: the registry entry's default)."""
+        return self.softmax_bounds[layer] if self.softmax_bounds else None
 
     # ------------------------------------------------------------------ named variants
     @classmethod
@@ -172,6 +225,11 @@ class BertConfig:
             pad_token_id=hf.get("pad_token_id", 1 if model_type == "roberta" else 0),
             hidden_act=ours.get("hidden_act", _HF_ACT_TO_OURS[act]),
             softmax_act=ours.get("softmax_act", "softmax"),
+            norm_act=ours.get("norm_act", "layernorm"),
+            norm_bounds=tuple(ours.get("norm_bounds", ())),
+            softmax_bounds=tuple(ours.get("softmax_bounds", ())),
+            public_table_source=ours.get("public_table", {}).get("source", ""),
+            public_table_sha256=ours.get("public_table", {}).get("sha256", ""),
             num_labels=num_labels,
             is_roberta=model_type == "roberta",
             label_names=names,
@@ -207,5 +265,17 @@ class BertConfig:
             "problem_type": "regression" if self.is_regression else "single_label_classification",
             "id2label": {str(i): n for i, n in enumerate(self.labels)},
             "label2id": {n: i for i, n in enumerate(self.labels)},
-            "mpcformer": {"hidden_act": self.hidden_act, "softmax_act": self.softmax_act},
+            "mpcformer": self._ours(),
         }
+
+    def _ours(self) -> dict[str, Any]:
+        ours: dict[str, Any] = {"hidden_act": self.hidden_act, "softmax_act": self.softmax_act,
+                                "norm_act": self.norm_act}
+        if self.norm_bounds:
+            ours["norm_bounds"] = list(self.norm_bounds)
+        if self.softmax_bounds:
+            ours["softmax_bounds"] = list(self.softmax_bounds)
+        if self.public_table_source:
+            ours["public_table"] = {"source": self.public_table_source,
+                                    "sha256": self.public_table_sha256}
+        return ours

@@ -11,7 +11,8 @@ A jaxpr equation's group comes from where it was traced (its Python traceback), 
 frame first:
   * a GeLU replacement in ``approx.GELU_APPROX``                 -> ``activation``
   * a softmax replacement in ``approx.SOFTMAX_APPROX``           -> ``attention_normaliser``
-  * flax's normalisation module or a function named *layer_norm* -> ``layernorm``
+  * a LayerNorm replacement in ``approx.NORM_APPROX``, flax's normalisation module or a
+    function named *layer_norm*                                    -> ``layernorm``
   * a function or module named *embed* / *lookup*                 -> ``embedding``
   * otherwise a matrix product (``dot_general``)                  -> ``linear`` (this includes
     the attention score and context products Q K^T and P V)
@@ -46,7 +47,10 @@ _FREE = {"add", "sub", "neg", "reshape", "broadcast_in_dim", "transpose", "squee
          "reduce_sum", "iota", "pad", "rev", "select_n_public", "convert_element_type"}
 _APPROX_FILE = Path(approx.__file__).resolve()
 _ACT_NAMES = {f.__name__ for f in approx.GELU_APPROX.values()}
-_NORM_NAMES = {f.__name__ for f in approx.SOFTMAX_APPROX.values()} | {"_normalise"}
+_ACT_NAMES |= {"quad_folded"}
+_NORM_NAMES = {f.__name__ for f in approx.SOFTMAX_APPROX.values()} | {"_normalise",
+                                                                        "_calibrated_reciprocal"}
+_LN_NAMES = {f.__name__ for f in approx.NORM_APPROX.values()}
 
 
 @functools.cache
@@ -78,6 +82,8 @@ def _frame_group(frame) -> str | None:
             return "activation"
         if frame.function_name in _NORM_NAMES:
             return "attention_normaliser"
+        if frame.function_name in _LN_NAMES:
+            return "layernorm"
         return None
     if file.endswith("flax/linen/normalization.py"):
         return "layernorm"

@@ -69,17 +69,6 @@ def _check_float(name: str, value: float, rule: str, ok) -> None:
         raise ValueError(f"{name} must be a finite number {rule}, got {value}.")
 
 
-def parse_pair(pair: str) -> tuple[str, str]:
-    """Splits "quad+2quad" into (GeLU replacement, softmax replacement), both validated."""
-    act, sep, norm = pair.partition("+")
-    if not sep:
-        raise ValueError(f"Approximation pair {pair!r} must read '<gelu>+<softmax>', e.g. "
-                         "'quad+2quad'.")
-    approx.get_activation(act)  # ValueError naming the valid ones
-    approx.get_normaliser(norm)
-    return act, norm
-
-
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """The whole pipeline: teacher fine-tune, then per approximation pair stage 1, stage 2 and
@@ -93,7 +82,8 @@ class DistillConfig:
       model: checkpoint of the teacher: a short name (``minilm-l6``) or a folder.
       max_length: token truncation length; must fit the model's position table.
       buckets: padded lengths a batch may take (empty: powers of two up to max_length).
-      approximations: one "<gelu>+<softmax>" pair per student, e.g. ("quad+2quad",).
+      approximations: one ``approx.Approximation`` name per student, e.g. ("quad+2quad",
+        "quad+2quad+affine").
       student_layers: layers of the students (0: as many as the teacher).
       layer_map: teacher layer imitated by each student layer (empty: evenly spaced,
         the last student layer on the last teacher layer).
@@ -102,6 +92,10 @@ class DistillConfig:
         MSE terms; MPCFormer uses (1, 1, 1).
       teacher, stage1, stage2, baseline: optimisation of each stage.
       run_baseline: also train the no-distillation baseline.
+      public_word_embeddings: freeze the word-embedding table at the pretrained checkpoint's
+        values through the teacher, both stages and the baseline; the exports then record
+        the table's source and hash, and private inference looks tokens up on the client
+        (``models.public_table``).
       eval_batch_size: batch size of dev/test evaluation.
       seed: seeds data order, dropout and head initialisation.
       out_dir: where checkpoints, logs, results and exports go.
@@ -125,6 +119,7 @@ class DistillConfig:
     stage2: StageConfig = StageConfig(epochs=3, learning_rate=5e-5)
     baseline: StageConfig = StageConfig(epochs=8, learning_rate=5e-5)
     run_baseline: bool = True
+    public_word_embeddings: bool = False
     eval_batch_size: int = 64
     seed: int = 0
     out_dir: str = "runs/default"
@@ -136,9 +131,11 @@ class DistillConfig:
             raise ValueError(f"Unknown task {self.task!r}. Available tasks are: "
                              f"{', '.join(TASKS)}.")
         if not self.approximations:
-            raise ValueError("approximations is empty: name at least one '<gelu>+<softmax>'.")
-        for pair in self.approximations:
-            parse_pair(pair)
+            raise ValueError("approximations is empty: name at least one, e.g. 'quad+2quad'.")
+        for name in self.approximations:
+            if approx.Approximation.parse(name) == approx.EXACT:
+                raise ValueError(f"approximations: {name!r} is the teacher itself; name "
+                                 "replacements, e.g. 'quad+2quad'.")
         if len(set(self.approximations)) != len(self.approximations):
             raise ValueError(f"approximations has duplicates: {self.approximations}.")
         if self.max_length < 2:

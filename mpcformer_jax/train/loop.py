@@ -78,6 +78,8 @@ class RunContext:
       eval_batch_size: batch size of dev evaluation.
       seed: data order and dropout seed.
       run_config: JSON dict of the run's config, written beside each stage's checkpoints.
+      frozen: parameter names no stage updates (``optim.make_optimizer``), e.g. the public
+        word-embedding table.
     """
 
     mesh: Mesh
@@ -87,6 +89,7 @@ class RunContext:
     eval_batch_size: int = 64
     seed: int = 0
     run_config: dict | None = None
+    frozen: tuple[str, ...] = ()
 
 
 def run_stage(name: str, objective: Objective, stage: StageConfig, config: BertConfig, params,
@@ -131,7 +134,7 @@ def run_stage(name: str, objective: Objective, stage: StageConfig, config: BertC
         total = min(total, stage.max_steps)
     evals = _eval_points(steps_per_epoch, stage.epochs, stage.evals_per_epoch, total)
 
-    tx = make_optimizer(stage, total)
+    tx = make_optimizer(stage, total, ctx.frozen)
     train_step = make_train_step(objective, config, tx, learning_rate_schedule(stage, total))
     predict = make_predict_step(config)
     teacher_params = device_put_teacher(objective, rep)

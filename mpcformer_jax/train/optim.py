@@ -43,12 +43,26 @@ def learning_rate_schedule(stage: StageConfig, total_steps: int) -> optax.Schedu
     return optax.join_schedules([warm, after], boundaries=[warmup])
 
 
-def make_optimizer(stage: StageConfig, total_steps: int) -> optax.GradientTransformation:
+def frozen_labels(frozen: tuple[str, ...]):
+    """params -> a tree of "frozen"/"train" labels: "frozen" where a path component is in
+    ``frozen`` (e.g. ``("word_embeddings",)``)."""
+
+    def label(path, _):
+        names = [getattr(k, "key", str(k)) for k in path]
+        return "frozen" if any(n in frozen for n in names) else "train"
+
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(stage: StageConfig, total_steps: int,
+                   frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
     """``chain(clip_by_global_norm, adamw(schedule, mask=decay_mask))`` for one stage.
 
     Args:
       stage: the stage's hyperparameters.
       total_steps: optimizer steps of the whole stage (sizes the schedule).
+      frozen: parameter names (path components) that never change: no update, no weight
+        decay, not in the clipped norm (``optax.multi_transform`` with ``set_to_zero``).
 
     Returns:
       The optax transformation; its state holds only the student's moments.
@@ -58,4 +72,8 @@ def make_optimizer(stage: StageConfig, total_steps: int) -> optax.GradientTransf
         parts.append(optax.clip_by_global_norm(stage.clip_norm))
     parts.append(optax.adamw(learning_rate_schedule(stage, total_steps), b1=0.9, b2=0.999,
                              eps=1e-6, weight_decay=stage.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if not frozen:
+        return tx
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 frozen_labels(frozen))
