@@ -215,8 +215,8 @@ def puma_softmax(scores: Array, mask: Array, *, values: Array | None = None):
 # secret bit decomposition (about 60 of a reciprocal's ~70 rounds under ABY3). When training
 # data bounds the input, a fixed start below the answer and a fixed number of steps need only
 # multiplications (two or three rounds a step).
-RECIPROCAL_STEPS = 7
-RSQRT_STEPS = 7
+RECIPROCAL_STEPS = 8
+RSQRT_STEPS = 8
 
 
 def newton_reciprocal(d: Array, bound: float, steps: int = RECIPROCAL_STEPS) -> Array:

@@ -120,8 +120,7 @@ def make_student(teacher_config: BertConfig, teacher_params, approximation: str 
             raise ValueError(f"{config.approximation} is calibrated on the teacher: pass "
                              "calibration_data (training batches).")
         return config, params
-    return calibrate(config, params, teacher_config, teacher_params, calibration_data,
-                     layer_map)
+    return calibrate(config, params, calibration_data)
 
 
 def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:

@@ -66,7 +66,7 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
     The record holds wall time, bytes and messages (all parties), the per-group breakdown,
     the client's upload (its input shares), and the gap to the plaintext logits.
     """
-    config = shape.config(layers).with_approx(variant.hidden_act, variant.softmax_act)
+    config = shape.config(layers).with_approximation(variant.approximation)
     params = init_params(config, seed)  # random weights: cost does not depend on them
     batch = client_batch(config.vocab_size, shape.seq_len, seed)
     cluster = cluster_config(protocol, runtime, compiler)

@@ -4,30 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 
+from mpcformer_jax.approx import Approximation
 from mpcformer_jax.models import BertConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """An approximation pair by registry names (``approx.GELU_APPROX``/``SOFTMAX_APPROX``)."""
+    """An approximation choice under its benchmark name."""
 
     name: str
-    hidden_act: str
-    softmax_act: str
+    approximation: Approximation
+
+    @classmethod
+    def of(cls, text: str) -> Variant:
+        a = Approximation.parse(text)
+        return cls(a.label, a)
 
 
 # Every variant runs under the same compiler and runtime options (one ClusterConfig per
 # protocol); "exact" is BERT itself and "floor" is the same network with nothing in the
 # nonlinearities' places (LayerNorm kept), the cost no approximation can go below.
-VARIANTS: tuple[Variant, ...] = (
-    Variant("exact", "gelu", "softmax"),
-    Variant("quad+2quad", "quad", "2quad"),
-    Variant("quad+2relu", "quad", "2relu"),
-    Variant("gelu+2quad", "gelu", "2quad"),
-    Variant("quad+softmax", "quad", "softmax"),
-    Variant("puma+puma", "puma", "puma"),
-    Variant("floor", "identity", "identity"),
-)
+VARIANTS: tuple[Variant, ...] = tuple(Variant.of(t) for t in (
+    "exact", "quad+2quad", "quad+2relu", "gelu+2quad", "quad+softmax", "puma+puma",
+    "quad+2quad_newton", "quad+2quad_newton+layernorm_newton", "quad+2quad_newton+affine",
+    "floor"))
 EXACT, FLOOR = "exact", "floor"
 
 
@@ -69,11 +69,8 @@ PROTOCOLS = ("ABY3", "SEMI2K", "CHEETAH")
 
 
 def get_variants(names: list[str] | None) -> list[Variant]:
-    """The variants named (all by default); unknown names fail with the valid list."""
+    """The variants named (all by default): a listed name, or any approximation spelling."""
     if not names:
         return list(VARIANTS)
     by_name = {v.name: v for v in VARIANTS}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(by_name)}")
-    return [by_name[n] for n in names]
+    return [by_name[n] if n in by_name else Variant.of(n) for n in names]

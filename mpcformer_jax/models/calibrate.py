@@ -1,14 +1,15 @@
-"""Calibrate a student's replacements on its teacher: initial weights and public bounds.
+"""Calibrate a student's replacements: initial weights and public bounds.
 
 Run once, when a student is made from its teacher (``pipeline.make_student``), over a few
-training batches:
+training batches, on the student's own activations (see ``calibrate``):
 
 * ``affine`` norm: each site's scale and bias become the per-channel least-squares fit of
-  the teacher's LayerNorm output on its input there (then distillation takes over);
-* ``layernorm_newton``: each site's bound is the largest token variance seen there, times
-  ``MARGIN`` (the Newton start must lie below the answer: ``approx.newton_rsqrt``);
+  the exact LayerNorm's output on its input there (then distillation takes over);
+* ``layernorm_newton``: each site's bound is the largest token variance seen there (padding
+  positions included: they are computed too), times ``MARGIN`` (the Newton start must lie
+  below the answer: ``approx.newton_rsqrt``);
 * ``2quad_newton``: each layer's bound is the largest (row sum of (s + c)^2) / padded length
-  seen there, times ``MARGIN``, from the teacher's attention scores.
+  seen there, times ``MARGIN`` (its norms already calibrated, its reciprocal exact).
 
 The bounds are public constants of the compiled program, like the architecture: they tell
 the parties the typical scale of the model's activations, not its weights.
@@ -26,10 +27,12 @@ import numpy as np
 from mpcformer_jax.models.bert import BertForSequenceClassification
 from mpcformer_jax.models.config import BertConfig
 
-# Head-room above the largest value seen: Newton from a start below the answer still
-# converges up to 3x (rsqrt) or 2x (reciprocal) past its bound, and a distilled student's
-# activations move a little away from its teacher's.
-MARGIN = 1.5
+# Head-room above the largest value seen. Newton from a start below the answer still
+# converges up to 3x (rsqrt) or 2x (reciprocal) past its bound and diverges beyond, which
+# turns one outlier token into inf and, through the attention, every row into NaN; a
+# distilled student's activations also move away from its teacher's. First tried at 1.5:
+# the first stage-1 step of a layernorm_newton student on rt was NaN.
+MARGIN = 3.0
 _TWO_QUAD_C = 5.0  # approx.two_quad_newton's c
 
 
@@ -38,9 +41,10 @@ def needs_calibration(config: BertConfig) -> bool:
         config.softmax_act == "2quad_newton"
 
 
-def _teacher_statistics(config: BertConfig, params, batches: Iterable[dict]) -> dict[str, Any]:
-    """Per LayerNorm site (forward order): sums for a per-channel fit and the largest token
-    variance; per layer: the largest (s + c)^2 row sum / length."""
+def _statistics(config: BertConfig, params, batches: list[dict]) -> dict[str, Any]:
+    """Per exact LayerNorm site (forward order): sums for a per-channel fit over real tokens
+    and the largest variance of any position; per layer: the largest (s + c)^2 row sum /
+    length over real rows."""
     model = BertForSequenceClassification(config)
 
     @jax.jit
@@ -65,43 +69,44 @@ def _teacher_statistics(config: BertConfig, params, batches: Iterable[dict]) -> 
         if not sites:
             sites = [dict(n=0.0, x=0.0, y=0.0, xx=0.0, xy=0.0, var=0.0) for _ in seen]
         for acc, (x, y) in zip(sites, seen, strict=True):
+            acc["var"] = max(acc["var"], float(np.asarray(x, np.float64).var(-1).max()))
             x, y = np.asarray(x, np.float64)[mask], np.asarray(y, np.float64)[mask]
             acc["n"] += len(x)
             acc["x"] += x.sum(0)
             acc["y"] += y.sum(0)
             acc["xx"] += (x * x).sum(0)
             acc["xy"] += (x * y).sum(0)
-            acc["var"] = max(acc["var"], float(x.var(-1).max()))
         for layer, s in enumerate(scores):
             s = np.asarray(s, np.float64)
             sums = (np.square(s + _TWO_QUAD_C) * mask[:, None, None, :]).sum(-1) / s.shape[-1]
             real_rows = np.broadcast_to(mask[:, None, :], sums.shape)
             row_max[layer] = max(row_max[layer], float(sums[real_rows].max()))
-    if not sites:
-        raise ValueError("calibration needs at least one batch of training data.")
     return {"sites": sites, "row_max": row_max}
 
 
-def calibrate(student: BertConfig, student_params, teacher: BertConfig, teacher_params,
-              batches: Iterable[dict], layer_map: tuple[int, ...]) -> tuple[BertConfig, Any]:
-    """``(student config, student params)`` calibrated on ``teacher`` over ``batches``.
+def calibrate(student: BertConfig, params, batches: Iterable[dict]) -> tuple[BertConfig, Any]:
+    """``(config, params)`` of a student, calibrated over ``batches``; a student that needs no
+    calibration is returned unchanged.
 
-    ``layer_map``: the teacher layer each student layer was copied from. A student that
-    needs no calibration is returned unchanged.
+    The statistics are the student's own, not its teacher's: the same network with exact
+    LayerNorms (and an exact reciprocal) in the replaced places, run on the student's
+    weights. A quad student's FFN outputs are not its teacher's GeLU outputs: on rt the
+    variance entering layer 0's output LayerNorm reached 1,411 in a quad student against
+    131 in its teacher, so bounds read on the teacher made Newton diverge.
     """
     if not needs_calibration(student):
-        return student, student_params
-    if teacher.norm_act != "layernorm":
-        raise ValueError("calibration reads the teacher's exact LayerNorms; the teacher has "
-                         f"norm {teacher.norm_act!r}.")
-    stats = _teacher_statistics(teacher, teacher_params, batches)
-    # Student site -> teacher site: the embedding's, then two per (mapped) layer.
-    site_map = [0] + [s for j in layer_map for s in (1 + 2 * j, 2 + 2 * j)]
-    sites = [stats["sites"][t] for t in site_map]
-    changes: dict[str, Any] = {}
-    params = jax.tree_util.tree_map(np.asarray, student_params)
+        return student, params
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration needs at least one batch of training data.")
+    exact_reciprocal = "2quad" if student.softmax_act == "2quad_newton" else student.softmax_act
+    probe = student.replace(norm_act="layernorm", softmax_act=exact_reciprocal, norm_bounds=(),
+                            softmax_bounds=())
+    stats = _statistics(probe, params, batches)
+    sites = stats["sites"]
+    params = jax.tree_util.tree_map(np.asarray, params)
     if student.norm_act == "layernorm_newton":
-        changes["norm_bounds"] = tuple(MARGIN * s["var"] for s in sites)
+        student = student.replace(norm_bounds=tuple(MARGIN * s["var"] for s in sites))
     if student.norm_act == "affine":
         for site, acc in enumerate(sites):
             n = acc["n"]
@@ -111,8 +116,11 @@ def calibrate(student: BertConfig, student_params, teacher: BertConfig, teacher_
             _set_norm(params, site, slope.astype(np.float32),
                       (my - slope * mx).astype(np.float32))
     if student.softmax_act == "2quad_newton":
-        changes["softmax_bounds"] = tuple(MARGIN * float(stats["row_max"][j]) for j in layer_map)
-    return student.replace(**changes), params
+        # Row sums with the norms as calibrated above (an affine student's scores are not
+        # those of the same network with LayerNorms).
+        row_max = _statistics(student.replace(softmax_act="2quad"), params, batches)["row_max"]
+        student = student.replace(softmax_bounds=tuple(MARGIN * float(r) for r in row_max))
+    return student, params
 
 
 def _set_norm(params, site: int, scale: np.ndarray, bias: np.ndarray) -> None:
