@@ -123,3 +123,74 @@ def test_reordered_attention_equals_probs_times_values(name):
     if recip is not None:
         got = got * recip
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------- calibrated Newton entries
+
+
+@pytest.mark.parametrize("lo_ratio, tol", [(37.0, 1e-3), (85.0, 0.05)])
+def test_newton_reciprocal_within_stated_range(lo_ratio, tol):
+    bound = 7.5
+    d = np.geomspace(bound / lo_ratio, bound, 500)
+    y = np.asarray(approx.newton_reciprocal(jnp.asarray(d), bound))
+    assert np.max(np.abs(y * d - 1)) < tol
+    # Rising from below: never above the answer inside the range.
+    assert np.all(y * d <= 1 + 1e-6)
+
+
+@pytest.mark.parametrize("lo_ratio, tol", [(90.0, 1e-3), (200.0, 0.1)])
+def test_newton_rsqrt_within_stated_range(lo_ratio, tol):
+    bound = 3.0
+    v = np.geomspace(bound / lo_ratio, bound, 500)
+    y = np.asarray(approx.newton_rsqrt(jnp.asarray(v), bound))
+    assert np.max(np.abs(y * np.sqrt(v) - 1)) < tol
+
+
+def test_two_quad_newton_equals_two_quad_when_row_sums_are_in_range():
+    rng = np.random.default_rng(0)
+    scores = jnp.asarray(rng.normal(size=(2, 3, 5, 5)), jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], jnp.float32)[:, None, None, :]
+    exact = approx.two_quad(scores, mask)
+    sums = np.asarray(jnp.sum(jnp.square(scores + 5.0) * mask, -1)) / 5
+    ours = approx.two_quad_newton(scores, mask, bound=float(sums.max()))
+    assert sums.max() / sums.min() < 37  # inside the 1e-3 range
+    np.testing.assert_allclose(ours, exact, rtol=2e-3, atol=1e-6)
+    # The reordered form agrees too (probs @ v as weights @ masked v * reciprocal).
+    values = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+    w, mv, r = approx.two_quad_newton(scores, mask, values=values, bound=float(sums.max()))
+    np.testing.assert_allclose(jnp.einsum("bhqk,bkhd->bhqd", w, mv) * r,
+                               jnp.einsum("bhqk,bkhd->bhqd", exact, values), rtol=3e-3,
+                               atol=1e-5)
+
+
+def test_norm_entries_formulas():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 3, 16)) * 2.0 + 0.5, jnp.float32)
+    scale = jnp.asarray(rng.normal(size=16), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16), jnp.float32)
+    import flax.linen as nn
+
+    flax_ln = nn.LayerNorm(epsilon=1e-12).apply({"params": {"scale": scale, "bias": bias}}, x)
+    np.testing.assert_allclose(approx.layernorm(x, scale, bias), flax_ln, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(approx.affine_norm(x, scale, bias), x * scale + bias)
+    np.testing.assert_array_equal(approx.identity_norm(x, scale, bias), x)
+    var = np.asarray(jnp.var(x, -1))
+    bound = float(var.max()) * 1.5
+    assert var.min() > bound / 90  # inside the 1e-3 range of newton_rsqrt
+    np.testing.assert_allclose(approx.layernorm_newton(x, scale, bias, bound=bound), flax_ln,
+                               rtol=2e-3, atol=2e-3)
+
+
+def test_approximation_vocabulary():
+    a = approx.Approximation.parse("quad+2quad_newton+affine")
+    assert (a.activation, a.softmax, a.norm) == ("quad", "2quad_newton", "affine")
+    assert approx.Approximation.parse(a.name) == a and str(a) == a.name
+    assert approx.Approximation.parse("quad+2quad").name == "quad+2quad"
+    assert approx.Approximation.parse("quad+2quad+layernorm") == \
+        approx.Approximation.parse("quad+2quad")
+    assert approx.Approximation.parse("exact") == approx.EXACT and approx.EXACT.label == "exact"
+    assert approx.FLOOR.label == "floor" and approx.EXACT.name == "gelu+softmax"
+    with pytest.raises(ValueError, match="norms: affine"):
+        approx.Approximation.parse("quad")
+    with pytest.raises(ValueError, match="Unknown normalisation approximation 'batchnorm'"):
+        approx.Approximation.parse("quad+2quad+batchnorm")

@@ -15,7 +15,7 @@ import pytest
 import experiments.configs
 from experiments import distill
 from experiments.configs import common
-from mpcformer_jax.models import BertConfig, init_params, load_pretrained
+from mpcformer_jax.models import BertConfig, forward, init_params, load_pretrained
 from mpcformer_jax.pipeline import check_config, default_layer_map, make_student, run_pipeline
 from mpcformer_jax.train.config import DistillConfig, StageConfig, apply_overrides
 
@@ -256,3 +256,48 @@ def test_profile_run_estimates_every_stage_of_a_config(tiny_checkpoint, capsys):
         assert all(n > 0 and s > 0 for _, n, s in row["cells"])
     assert out["total_s"] == pytest.approx(out["train_s"] + out["compile_s"] + out["eval_s"])
     assert "estimated wall time" in capsys.readouterr().out
+
+
+def _calibration_batches(config, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(1, config.vocab_size, (4, 12))
+        mask = np.ones_like(ids)
+        mask[:2, 9:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def test_calibrated_students_get_bounds_fits_and_finite_outputs():
+    from mpcformer_jax.models.calibrate import MARGIN
+
+    teacher_cfg = BertConfig.tiny(num_hidden_layers=2)
+    teacher = init_params(teacher_cfg, 0)
+    data = _calibration_batches(teacher_cfg)
+    with pytest.raises(ValueError, match="calibration_data"):
+        make_student(teacher_cfg, teacher, "quad+2quad+affine", (0, 1))
+
+    cfg, params = make_student(teacher_cfg, teacher, "quad+2quad_newton+layernorm_newton",
+                               (0, 1), data)
+    assert len(cfg.norm_bounds) == 5 and len(cfg.softmax_bounds) == 2
+    # The embedding site's bound: MARGIN x the largest token variance entering it.
+    _, inter = forward(teacher_cfg.with_approximation("quad+2quad"), teacher,
+                       data[0]["input_ids"], data[0]["attention_mask"],
+                       output_intermediates=True)
+    for b in data:
+        logits = np.asarray(forward(cfg, params, b["input_ids"], b["attention_mask"]))
+        assert np.all(np.isfinite(logits))
+    assert all(v > 0 for v in cfg.norm_bounds) and cfg.norm_bounds[0] < MARGIN * 10
+
+    # affine: the per-channel least-squares fit keeps each channel's mean over real tokens.
+    cfg, params = make_student(teacher_cfg, teacher, "quad+2quad+affine", (0, 1), data)
+    exact_student = teacher_cfg.with_approximation("quad+2quad")
+    ids = np.concatenate([b["input_ids"] for b in data])
+    mask = np.concatenate([b["attention_mask"] for b in data]).astype(bool)
+    _, ours = forward(cfg, params, ids, mask, output_intermediates=True)
+    _, ref = forward(exact_student, teacher, ids, mask, output_intermediates=True)
+    np.testing.assert_allclose(np.asarray(ours["embeddings"])[mask].mean(0),
+                               np.asarray(ref["embeddings"])[mask].mean(0), atol=1e-4)
+    assert not np.allclose(params["bert"]["embeddings"]["LayerNorm"]["scale"],
+                           teacher["bert"]["embeddings"]["LayerNorm"]["scale"])

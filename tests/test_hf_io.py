@@ -181,3 +181,29 @@ def test_save_replaces_atomically(tmp_path):
     save_pretrained(tmp_path / "m", config, init_params(config, 1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial or old folders
     _assert_same_params(load_pretrained(tmp_path / "m")[1], init_params(config, 1))
+
+
+def test_round_trip_keeps_the_norm_slot_bounds_and_public_table(tmp_path):
+    config = BertConfig.tiny(num_labels=2).with_approximation("quad+2quad_newton+layernorm_newton")
+    config = config.replace(norm_bounds=(0.5, 1.5, 2.5, 3.5, 4.5), softmax_bounds=(30.0, 40.0),
+                            public_table_source="minilm-l6", public_table_sha256="ab" * 32)
+    params = init_params(config, 2)
+    save_pretrained(tmp_path / "m", config, params)
+    again, params2, _ = load_pretrained(tmp_path / "m")
+    assert again == config
+    _assert_same_params(params, params2)
+    ours = json.loads((tmp_path / "m" / "config.json").read_text())["mpcformer"]
+    assert ours["norm_act"] == "layernorm_newton" and ours["public_table"]["source"] == "minilm-l6"
+    # A folder written before the norm slot existed loads with exact LayerNorm.
+    del ours["norm_act"]
+    assert BertConfig.from_hf_config({**json.loads(
+        (tmp_path / "m" / "config.json").read_text()), "mpcformer": {}}).norm_act == "layernorm"
+
+
+def test_bad_bounds_and_half_a_public_table_are_refused():
+    with pytest.raises(ValueError, match="norm_bounds must hold 5"):
+        BertConfig.tiny(norm_bounds=(1.0, 2.0))
+    with pytest.raises(ValueError, match="softmax_bounds must hold 2 positive"):
+        BertConfig.tiny(softmax_bounds=(1.0, -2.0))
+    with pytest.raises(ValueError, match="go together"):
+        BertConfig.tiny(public_table_source="minilm-l6")

@@ -142,3 +142,18 @@ def test_config_validation():
     config = BertConfig.tiny()
     assert hash(config) == hash(BertConfig.tiny())  # usable as a jit static argument
     assert config.with_approximation("quad+2quad").softmax_act == "2quad"
+
+
+@pytest.mark.parametrize("choice", ["exact", "quad+2quad", "quad+2quad_newton+affine"])
+def test_block_diagonal_heads_give_the_same_forward(choice):
+    config = BertConfig.tiny(num_labels=3).with_approximation(choice)
+    params = init_params(config, 1)
+    ids = np.array([[5, 9, 33, 7, 0, 0], [3, 4, 5, 6, 7, 8]])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6])
+    a, ia = forward(config, params, ids, mask, output_intermediates=True)
+    b, ib = forward(config.replace(block_diagonal_heads=True), params, ids, mask,
+                    output_intermediates=True)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    for x, y in zip(ia["attention_scores"] + ia["hidden_states"],
+                    ib["attention_scores"] + ib["hidden_states"], strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)

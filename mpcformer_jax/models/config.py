@@ -41,6 +41,9 @@ class BertConfig:
       folded: public constants are folded into the weights (``models.fold``): the attention
         scale into the query weights, quad's constants into the FFN output weights. Set by
         the owner for private inference, never for training.
+      block_diagonal_heads: compute the attention products of all heads as one matmul with
+        a block-diagonal operand (the same values; one round instead of one per head under
+        SPU, H-fold local compute). Set by ``private.model.prepare``, never for training.
       public_table_source, public_table_sha256: set when the word-embedding table is the
         public checkpoint's, unchanged (frozen through fine-tuning and distillation): the
         checkpoint to take it from and the table's hash. A private-inference client then
@@ -72,6 +75,7 @@ class BertConfig:
     public_table_sha256: str = ""
     fuse_qkv: bool = True
     folded: bool = False
+    block_diagonal_heads: bool = False
     num_labels: int = 2
     is_roberta: bool = False
     label_names: tuple[str, ...] = ()

@@ -16,12 +16,14 @@ from mpcformer_jax.private.compile import compile_cached
 
 
 def prepare(config: BertConfig, params) -> tuple[BertConfig, dict]:
-    """What the owner compiles and shares: the model folded for MPC (``models.fold``), and
-    without its word-embedding table when that table is public (the client looks up).
+    """What the owner compiles and shares: the model folded for MPC (``models.fold``), its
+    heads' attention products as single block-diagonal matmuls, and without its
+    word-embedding table when that table is public (the client looks up).
 
     Run by the owner, in plaintext, before anything is shared; idempotent.
     """
     config, params = fold(config, params)
+    config = config.replace(block_diagonal_heads=True)
     if config.public_table_source and "word_embeddings" in params["bert"]["embeddings"]:
         params = without_word_table(params)
     return config, params
