@@ -15,8 +15,9 @@ this evaluates teacher, each student and each baseline:
     smallest of the run's length buckets that holds it (private inference of a whole split
     takes hours on 2 cores);
   * agreement between private and plaintext labels on that subset.
-Rows are approximation pairs, with the cost ratios of ``results/benchmark.json`` (ABY3,
-BERT-base, seq 128) beside them. Writes ``results/accuracy.json`` and ``results/accuracy.md``.
+Rows are approximations (``Approximation`` names and labels), with the cost ratios of
+``results/benchmark.json`` (ABY3, BERT-base, seq 128) beside them. Writes
+``results/accuracy.json`` and ``results/accuracy.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from mpcformer_jax.approx import EXACT, Approximation
 from mpcformer_jax.bench.measure import cluster_config
 from mpcformer_jax.data import load_task, tokenize_split
 from mpcformer_jax.models import load_pretrained
@@ -79,11 +81,14 @@ def evaluate(config, params, tok, buckets: list[int], n_private: int, batch: int
             "private_wall_s": wall}
 
 
-def baseline_params(run_dir: Path, pair: str, student_params):
-    """The no-distillation baseline's best params (orbax), laid out like the student's."""
+def baseline_params(run_dir: Path, export_key: str, student_params):
+    """The no-distillation baseline's best params (orbax), laid out like the student's.
+
+    ``export_key``: the approximation as the run spelled it (its ``exports`` key and folder).
+    """
     from mpcformer_jax.train.checkpoint import StageCheckpoints
 
-    ckpt = run_dir / "ckpt" / pair / "baseline"
+    ckpt = run_dir / "ckpt" / export_key / "baseline"
     if not ckpt.exists():
         return None
     manager = StageCheckpoints(ckpt)
@@ -105,50 +110,58 @@ def evaluate_run(run_dir: Path, n_private: int, batch: int) -> list[dict]:
     length = cfg["max_length"]
     buckets = sorted(b for b in cfg.get("buckets") or [length] if b <= length) or [length]
     buckets = buckets if buckets[-1] == length else [*buckets, length]
-    models = [("teacher", "gelu+softmax", run_dir / "teacher", None)]
-    for pair, folder in results["exports"].items():
-        models += [("student (KD)", pair, Path(folder), None),
-                   ("baseline (no KD)", pair, Path(folder), "baseline")]
+    # (model, approximation, its folder, the baseline's checkpoint key or None)
+    models = [("teacher", EXACT, run_dir / "teacher", None)]
+    for key, folder in results["exports"].items():  # keyed by approximation spelling
+        approximation = Approximation.parse(key)
+        models += [("student (KD)", approximation, Path(folder), None),
+                   ("baseline (no KD)", approximation, Path(folder), key)]
     rows = []
-    for name, pair, folder, kind in models:
+    for name, approximation, folder, baseline_key in models:
         config, params, tokenizer = load_pretrained(folder)
-        if kind == "baseline":
-            params = baseline_params(run_dir, pair, params)
+        if baseline_key is not None:
+            params = baseline_params(run_dir, baseline_key, params)
             if params is None:
                 continue
         tok = tokenize_split(task.splits["test"], tokenizer, length, config.max_length)
-        row = {"run": run_dir.name, "task": cfg["task"], "model": name, "approx": pair,
+        row = {"run": run_dir.name, "task": cfg["task"], "model": name,
+               "approximation": approximation.name,
                "max_length": length, **evaluate(config, params, tok, buckets, n_private, batch)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
-def cost_ratios(path: Path) -> dict[str, dict]:
-    """Bytes and LAN ratios per approximation pair from the benchmark (ABY3, base-128)."""
+def approximation_of(row: dict) -> Approximation:
+    """A row's approximation; rows written before the one vocabulary said "approx" (accuracy)
+    or "variant" (benchmark), in spellings ``Approximation.parse`` reads."""
+    return Approximation.parse(row.get("approximation") or row.get("approx") or row["variant"])
+
+
+def cost_ratios(path: Path) -> dict[Approximation, dict]:
+    """The benchmark's rows (ABY3, base-128) by approximation: bytes and LAN ratios."""
     if not path.exists():
         return {}
     for table in json.loads(path.read_text())["tables"]:
         if (table["protocol"], table["shape"]) == ("ABY3", "base-128"):
-            # Variants are named by their pair, except exact (gelu+softmax).
-            return {("gelu+softmax" if r["variant"] == "exact" else r["variant"]): r
-                    for r in table["rows"]}
+            return {approximation_of(r): r for r in table["rows"]}
     return {}
 
 
-def markdown(rows: list[dict], costs: dict[str, dict]) -> str:
-    head = ("| run (task) | approx pair | model | bytes / exact | bytes / floor | LAN speedup | "
+def markdown(rows: list[dict], costs: dict[Approximation, dict]) -> str:
+    head = ("| run (task) | approximation | model | bytes / exact | bytes / floor | LAN speedup | "
             "plaintext acc (test) | private acc (subset) | plaintext acc (subset) | "
             "private = plaintext labels |")
     lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        c = costs.get(r["approx"]) or {}
+        approximation = approximation_of(r)
+        c = costs.get(approximation) or {}
 
         def f(x, fmt="{:.3f}"):
             return "-" if x is None else fmt.format(x)
 
         lines.append(
-            f"| {r['run']} ({r['task']}) | {r['approx']} | {r['model']} | "
+            f"| {r['run']} ({r['task']}) | {approximation.label} | {r['model']} | "
             f"{f(c.get('bytes_vs_exact'))} | {f(c.get('bytes_vs_floor'), '{:.2f}')} | "
             f"{f(c.get('LAN_speedup_vs_exact'), '{:.2f}x')} | {r['plain_acc']:.4f} "
             f"(n={r['n_test']}) | {f(r['private_acc'], '{:.4f}')} (n={r['n_private']}) | "

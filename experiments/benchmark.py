@@ -1,4 +1,4 @@
-"""Cost of every approximation pair under SPU: time, bytes, messages, per-op-group breakdown.
+"""Cost of every approximation under SPU: time, bytes, messages, rounds, per op group.
 
     uv run python -m experiments.benchmark --small                       # tiny model, ~1 min
     uv run python -m experiments.benchmark --protocols ABY3 --shapes base-128
@@ -7,7 +7,7 @@
     uv run python -m experiments.benchmark --report-only --protocols ABY3 SEMI2K CHEETAH \
         --shapes base-128 base-512 mini-32 tiny-16                      # tables + figure
 
-Each (protocol, shape, variant) runs at the shape's ``fit_layers`` (1 and 2 encoder layers)
+Each (protocol, shape, approximation) runs at the shape's ``fit_layers`` (1 and 2 encoder layers)
 and is extrapolated linearly to 12 (``--full-depth`` also runs all 12 layers, which is how
 the extrapolation was validated). Raw records accumulate in ``results/benchmark_raw.json`` (a
 rerun skips what is there; ``--force`` redoes it); tables go to ``results/benchmark.md`` and
@@ -30,7 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true", help="tiny model at seq 16, ABY3 only")
     p.add_argument("--protocols", nargs="+", default=["ABY3"], choices=PROTOCOLS)
     p.add_argument("--shapes", nargs="+", default=["base-128"], choices=sorted(SHAPES))
-    p.add_argument("--variants", nargs="+", help="default: all")
+    p.add_argument("--variants", nargs="+",
+                   help="approximations, e.g. exact quad+2quad floor (default: all listed)")
+    p.add_argument("--public-table", action="store_true",
+                   help="client sends rows looked up in a public word-embedding table")
     p.add_argument("--full-depth", action="store_true", help="also run all layers for real")
     p.add_argument("--runtime", default="{}", help="JSON RuntimeConfig overrides, all variants")
     p.add_argument("--compiler", default="{}", help="JSON CompilerOptions overrides")
@@ -45,7 +48,9 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.small:
         args.protocols, args.shapes = ["ABY3"], ["tiny-16"]
-    opts = {"runtime": json.loads(args.runtime), "compiler": json.loads(args.compiler)}
+    # Everything but the approximation, shape and depth that a run is measured under.
+    opts = {"runtime": json.loads(args.runtime), "compiler": json.loads(args.compiler),
+            "public_table": args.public_table}
     out = Path(args.out)
     store = report.Store(out / f"{args.tag}_raw.json")
     variants = get_variants(args.variants)
@@ -54,15 +59,15 @@ def main(argv=None) -> list[dict]:
             depths = [*shape.fit_layers, *([shape.layers] if args.full_depth else [])]
             for variant in variants:
                 for layers in depths:
-                    key = dict(protocol=protocol, shape=shape.name, variant=variant.name,
-                               layers=layers, **opts)
+                    key = dict(protocol=protocol, shape=shape.name,
+                               approximation=variant.approximation, layers=layers, **opts)
                     if args.report_only or (store.find(**key) and not args.force):
                         continue
                     rec = measure(variant, shape, protocol, layers, **opts)
                     store.add(rec)
-                    print(f"{protocol} {shape.name} {variant.name} L={layers}: "
-                          f"{rec['wall_s']:.1f} s, {rec['bytes'] / 2**30:.3f} GiB, "
-                          f"{rec['messages']} msgs", flush=True)
+                    print(f"{protocol} {shape.name} {rec.label} L={layers}: "
+                          f"{rec.wall_s:.1f} s, {rec.bytes / 2**30:.3f} GiB, "
+                          f"{rec.messages} msgs, {rec.rounds} rounds", flush=True)
     return write_outputs(store, args, variants, opts, out)
 
 
@@ -72,7 +77,7 @@ def write_outputs(store, args, variants, opts, out: Path) -> list[dict]:
     for protocol in args.protocols:
         for shape in (SHAPES[s] for s in args.shapes):
             recs = [r for v in variants
-                    if (r := report.full_depth(store, protocol, shape, v.name, **opts))]
+                    if (r := report.full_depth(store, protocol, shape, v.approximation, **opts))]
             if not recs:
                 continue
             rows = report.build_rows(recs)
@@ -80,14 +85,19 @@ def write_outputs(store, args, variants, opts, out: Path) -> list[dict]:
             tables.append({"protocol": protocol, "shape": shape.name, "rows": rows})
             panels[title] = rows
             md += [report.markdown(rows, title), "", "Bytes per op group (MiB):", "",
-                   report.group_table(rows), ""]
+                   report.group_table(rows, "bytes"), "", "Rounds per op group:", "",
+                   report.group_table(rows, "rounds"), ""]
     if not tables:
         return []
     checks = [c for protocol in args.protocols for shape in (SHAPES[s] for s in args.shapes)
-              for v in variants if (c := report.validation(store, protocol, shape, v.name, **opts))]
+              for v in variants
+              if (c := report.validation(store, protocol, shape, v.approximation, **opts))]
     if checks:
         md += ["Extrapolation check (a real full-depth run against the 1-and-2-layer fit):", "",
                report.validation_markdown(checks), ""]
+    md += ["Rounds: per op, the most messages one party sent, summed over ops in order "
+           "(mpcformer_jax/bench/network.py says how close that is to the communication "
+           "depth); ~ marks a record without them (messages / parties).", ""]
     targets = report.check_targets(tables)
     md += ["Targets of issue 5 (ABY3, BERT-base; * = extrapolated over layers):", "",
            report.targets_markdown(targets), ""]

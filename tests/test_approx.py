@@ -109,6 +109,29 @@ def test_unknown_names_list_valid_ones():
         approx.get_normaliser("3quad")
 
 
+def test_approximation_parse_round_trips_every_benchmark_name():
+    from mpcformer_jax.bench.variants import VARIANTS
+
+    for v in VARIANTS:
+        a = approx.Approximation.parse(v.name)
+        assert a == v.approximation
+        assert approx.Approximation.parse(a.name) == a  # the canonical name reads back
+        assert approx.Approximation.parse(a.label) == a
+    assert approx.Approximation.parse("exact") == approx.EXACT
+    assert approx.Approximation.parse("gelu+softmax").label == "exact"
+
+
+@pytest.mark.parametrize("bad, names", [
+    ("nope", "Activations: gelu, .*quad"),          # not a spelling at all
+    ("quad+3quad", "Available softmax approximations are: .*2quad"),
+    ("cubic+2quad", "Available activation approximations are: .*quad"),
+    ("quad+2quad+bogus", "layernorm"),
+])
+def test_approximation_parse_refuses_bad_names_naming_valid_ones(bad, names):
+    with pytest.raises(ValueError, match=names):
+        approx.Approximation.parse(bad)
+
+
 @pytest.mark.parametrize("name", sorted(approx.SOFTMAX_APPROX))
 def test_reordered_attention_equals_probs_times_values(name):
     """``values=`` (mask on v, division after P.V) gives the same context as probs @ v."""

@@ -167,6 +167,34 @@ def test_profile_parser_reads_custom_calls():
     assert report.total.messages == 85 + 3
 
 
+def test_profile_rounds_are_the_largest_party_count_per_op():
+    """One line per party per op (no rank): an op's rounds are the most messages one party
+    sent in it; ops and executables run one after another, so their rounds add up."""
+    from mpcformer_jax.private.cost import CostReport, fill_report, parse_profile
+
+    def block(exe, ops):
+        lines = [f"[Profiling] SPU execution {exe} completed, input processing took 1e-06s, "
+                 "execution took 0.02s, output processing took 1e-06s, total time 0.02s."]
+        lines += [f"- {op}, executed 1 times, duration 0.001s, send bytes 8 recv bytes 8, "
+                  f"send actions {m}, recv actions {m}" for op, m in ops]
+        return lines
+
+    log = "\n".join(  # three parties, one block each per executable
+        block("s001_layernorm", [("pphlo.rsqrt", 47), ("pphlo.multiply", 16)])
+        + block("s001_layernorm", [("pphlo.rsqrt", 49), ("pphlo.multiply", 18)])
+        + block("s001_layernorm", [("pphlo.rsqrt", 46), ("pphlo.multiply", 16)])
+        + block("s002_linear", [("pphlo.dot", 2)]) + block("s002_linear", [("pphlo.dot", 3)])
+        + block("s002_linear", [("pphlo.dot", 3)]))
+    by_exe, _, _ = parse_profile(log)
+    report = CostReport("ABY3", 3)
+    fill_report(report, by_exe, parties_logging=3)
+    assert report.groups["layernorm"].rounds == 49 + 18
+    assert report.groups["linear"].rounds == 3
+    assert report.total.rounds == 49 + 18 + 3
+    assert report.total.messages == 47 + 49 + 46 + 16 + 18 + 16 + 8
+    assert "rounds" in report.format()
+
+
 def test_results_print_a_score_for_regression(capsys):
     """A one-output (regression) model prints its score, not a softmax over one class."""
     from mpcformer_jax.private.cli import print_results

@@ -29,7 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.configs.common import ALL_PAIRS, LAYERWISE_WEIGHTS, STAGE1_LR, smoke
+from experiments.configs.common import (
+    LAYERWISE_WEIGHTS,
+    MPCFORMER_APPROXIMATIONS,
+    STAGE1_LR,
+    smoke,
+)
 from mpcformer_jax.train.config import DistillConfig, StageConfig
 
 
@@ -48,7 +53,8 @@ def get_config(variant: str = "") -> DistillConfig:
     if variant == "smoke":
         return smoke(cfg)
     if variant == "pairs":
-        return dataclasses.replace(cfg, name="default (all pairs)", approximations=ALL_PAIRS,
+        return dataclasses.replace(cfg, name="default (all pairs)",
+                                   approximations=MPCFORMER_APPROXIMATIONS,
                                    out_dir="runs/default_pairs")
     if variant:
         raise ValueError(f"Unknown variant {variant!r} of config 'default'; available: smoke, "

@@ -1,10 +1,10 @@
-"""One private forward of a benchmark variant, and extrapolation over the number of layers.
+"""One private forward of a benchmark variant, as a Record (extrapolation: records.py).
 
 Runs go through ``mpcformer_jax.private.run`` (the client one-hot encodes its tokens and the
 model does ``one_hot @ word_embeddings`` under MPC, so the token lookup is included), with the
 protocol's ready config from ``spu_configs/`` plus optional runtime/compiler overrides, the
 same for every variant. Figures are SPU's link counters (bytes and messages, all parties)
-and its per-segment profile (per op group).
+and its per-segment profile (per op group; rounds as network.py derives them).
 """
 
 from __future__ import annotations
@@ -12,23 +12,18 @@ from __future__ import annotations
 import json
 import resource
 import time
-from typing import Any
 
 import jax
 import numpy as np
 
+from mpcformer_jax.bench import network
+from mpcformer_jax.bench.records import CPU_METHOD, GroupCost, Record, extrapolate  # noqa: F401
 from mpcformer_jax.bench.variants import Shape, Variant
 from mpcformer_jax.models import init_params
 from mpcformer_jax.private import load_config, run
 from mpcformer_jax.private.api import DEFAULT_CONFIGS
 from mpcformer_jax.private.config import CONFIG_DIR
 from mpcformer_jax.private.model import compile_for, encode_client_inputs, make_private_forward
-
-# Numeric fields of a record that are summed over layers (and so extrapolated).
-LINEAR_FIELDS = ("wall_s", "cpu_s", "bytes", "messages")
-
-
-CPU_METHOD = "party_threads"  # how cpu_s was measured; earlier records used another way
 
 
 def _cpu_seconds() -> float:
@@ -60,11 +55,16 @@ def client_batch(vocab_size: int, seq_len: int, seed: int = 0) -> dict[str, np.n
 
 def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
             runtime: dict | None = None, compiler: dict | None = None,
-            seed: int = 0) -> dict[str, Any]:
-    """Runs ``variant`` at ``shape`` with ``layers`` encoder layers; returns a JSON record.
+            seed: int = 0, public_table: bool = False) -> Record:
+    """Runs ``variant`` at ``shape`` with ``layers`` encoder layers; returns its Record.
 
-    The record holds wall time, bytes and messages (all parties), the per-group breakdown,
-    the client's upload (its input shares), and the gap to the plaintext logits.
+    The record holds wall time, bytes, messages and rounds (all parties; rounds as in
+    network.py), the per-group breakdown, the client's upload (its input shares), and the
+    gap to the plaintext logits.
+
+    ``public_table``: PLACEHOLDER, not acted on yet: the client-input change (client sends
+    looked-up rows of a public table) lands from another branch and replaces this signature;
+    here the flag is only recorded, so the CLI can already pass it.
     """
     config = shape.config(layers).with_approximation(variant.approximation)
     params = init_params(config, seed)  # random weights: cost does not depend on them
@@ -83,42 +83,15 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
     plain = np.asarray(jax.jit(make_private_forward(config))(params, one_hot, mask))
     diff = float(np.max(np.abs(plain - result.logits)))
     agree = float(np.mean(plain.argmax(-1) == result.logits.argmax(-1)))
-    return {
-        "variant": variant.name, "protocol": protocol.upper(), "shape": shape.name,
-        "seq_len": shape.seq_len, "layers": layers, "parties": rep.world_size,
-        "runtime": runtime or {}, "compiler": compiler or {},
-        "wall_s": rep.wall_s, "cpu_s": cpu_s, "cpu_method": CPU_METHOD,
-        "compile_s": compile_s, "total_s": total_s,
-        "bytes": rep.total.bytes, "messages": rep.total.messages,
-        "groups": {g: {"bytes": t.bytes, "messages": t.messages, "wall_s": t.time_s}
-                   for g, t in rep.groups.items()},
-        "client_bytes": rep.input_bytes.get("client", 0),
-        "max_abs_diff": diff, "label_agreement": agree,
-    }
-
-
-def extrapolate(r1: dict[str, Any], r2: dict[str, Any], layers: int) -> dict[str, Any]:
-    """The record at ``layers`` layers from two records at fewer, cost = fixed + per_layer * n.
-
-    Every encoder layer is the same computation on the same shapes, so bytes and messages are
-    exactly linear in the number of layers (the embedding, pooler and classifier are the
-    fixed part); wall time is linear up to measurement noise. Group figures are extrapolated
-    the same way. The result is marked ``extrapolated_from``.
-    """
-    n1, n2 = r1["layers"], r2["layers"]
-    if n1 == n2:
-        raise ValueError("extrapolation needs records at two different layer counts")
-
-    def line(a: float, b: float) -> float:
-        per_layer = (b - a) / (n2 - n1)
-        return a + per_layer * (layers - n1)
-
-    out = {k: v for k, v in r2.items() if k not in ("groups",)}
-    out.update({k: line(r1[k], r2[k]) for k in LINEAR_FIELDS if k in r1 and k in r2})
-    if not r1.get("cpu_method") == r2.get("cpu_method") == CPU_METHOD:
-        out.pop("cpu_s", None)  # CPU seconds measured two different ways do not fit a line
-    out["groups"] = {g: {k: line(r1["groups"][g][k], r2["groups"][g][k]) for k in t}
-                     for g, t in r2["groups"].items()}
-    out["layers"] = layers
-    out["extrapolated_from"] = [n1, n2]
-    return out
+    return Record(
+        approximation=variant.approximation, protocol=protocol.upper(), shape=shape.name,
+        seq_len=shape.seq_len, layers=layers, parties=rep.world_size,
+        runtime=runtime or {}, compiler=compiler or {}, public_table=public_table,
+        wall_s=rep.wall_s, cpu_s=cpu_s, cpu_method=CPU_METHOD,
+        compile_s=compile_s, total_s=total_s,
+        bytes=rep.total.bytes, messages=rep.total.messages,
+        rounds=rep.total.rounds, rounds_method=network.MEASURED,
+        groups={g: GroupCost(t.bytes, t.messages, t.rounds, t.time_s)
+                for g, t in rep.groups.items()},
+        client_bytes=rep.input_bytes.get("client", 0),
+        max_abs_diff=diff, label_agreement=agree)

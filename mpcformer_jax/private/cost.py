@@ -6,6 +6,13 @@ header ``[Profiling] SPU execution <name> completed ...``, one line per pphlo op
 SPU counts *messages* (send actions), not rounds. All figures below are summed over parties
 unless they say "per party"; a byte is counted once, by its sender.
 
+Rounds (``Traffic.rounds``): every party logs one line per op name per executable, with its
+own send actions, so the per-party figures of each op are there even in-process (the lines
+carry no rank, but there is exactly one per party). An op's rounds are the most messages any
+one party sent in it; ops run one after another on every party, so a run's rounds are the sum
+over (executable, op name) of that maximum. How close that is to the true communication depth
+is in ``mpcformer_jax/bench/network.py``.
+
 Group attribution: with segmented compilation (compile.py) the executable's name carries its
 group (``s007_activation``), so a segment's whole cost goes to that group. With
 ``attribution="ops"`` (one executable) ops are grouped by pphlo name by ``OP_GROUPS`` below,
@@ -44,16 +51,29 @@ OP_GROUPS = {
 
 @dataclasses.dataclass
 class Traffic:
-    """Bytes sent, messages sent and (mean per party) seconds."""
+    """Bytes sent, messages sent, (mean per party) seconds, and rounds (see module docstring).
+
+    ``add`` composes two pieces run one after the other, so rounds add up like the rest.
+    """
 
     bytes: int = 0
     messages: int = 0
     time_s: float = 0.0
+    rounds: int = 0
 
     def add(self, other: Traffic) -> None:
         self.bytes += other.bytes
         self.messages += other.messages
         self.time_s += other.time_s
+        self.rounds += other.rounds
+
+    def add_party(self, other: Traffic) -> None:
+        """Adds another party's figures of the *same* op: the parties run it at the same time,
+        so its rounds are the most messages one party sent, not the sum."""
+        self.bytes += other.bytes
+        self.messages += other.messages
+        self.time_s += other.time_s
+        self.rounds = max(self.rounds, other.messages)
 
 
 @dataclasses.dataclass
@@ -109,16 +129,18 @@ class CostReport:
         """A human-readable table."""
         lines = [f"protocol {self.protocol} ({self.world_size} nodes)   wall {self.wall_s:.2f} s"
                  f"   compile {self.compile_s:.2f} s   sharing {self.share_s:.2f} s",
-                 f"total sent: {_mib(self.total.bytes)} in {self.total.messages} messages"]
+                 f"total sent: {_mib(self.total.bytes)} in {self.total.messages} messages, "
+                 f"{self.total.rounds} rounds"]
         if self.per_party is not None:
             for rank, p in enumerate(self.per_party):
                 lines.append(f"  node {rank}: sent {_mib(p.send_bytes)} / {p.send_messages} msgs,"
                              f" received {_mib(p.recv_bytes)} / {p.recv_messages} msgs")
-        lines.append(f"{'group':<22}{'sent':>14}{'messages':>10}{'time s':>9}{'share':>8}")
+        lines.append(f"{'group':<22}{'sent':>14}{'messages':>10}{'rounds':>8}{'time s':>9}"
+                     f"{'share':>8}")
         for name, t in self.groups.items():
             share = t.bytes / self.total.bytes if self.total.bytes else 0.0
-            lines.append(f"{name:<22}{_mib(t.bytes):>14}{t.messages:>10}{t.time_s:>9.3f}"
-                         f"{share:>8.1%}")
+            lines.append(f"{name:<22}{_mib(t.bytes):>14}{t.messages:>10}{t.rounds:>8}"
+                         f"{t.time_s:>9.3f}{share:>8.1%}")
         for k, v in self.input_bytes.items():
             lines.append(f"input shares from {k}: {_mib(v)}")
         lines += [f"note: {n}" for n in self.notes]
@@ -133,9 +155,11 @@ def parse_profile(text: str) -> tuple[dict[str, dict[str, Traffic]], list[PartyT
     """Parses profile lines into per-executable, per-op traffic and per-block link totals.
 
     Returns ``(by_exe, links, headers)``: ``by_exe[exe_name][op]`` summed over the parties
-    that logged it (time divided later), ``links`` one entry per logged block in log order,
-    and the number of headers seen. Lines of one executable name may interleave across
-    parties (threads share one log); callers keep executables apart (a barrier per segment).
+    that logged it (time divided later; rounds the largest send actions of one line, i.e. of
+    one party), ``links`` one entry per logged block in log order, and the number of headers
+    seen. Lines of one executable name may interleave across parties (threads share one log);
+    callers keep executables apart (a barrier per segment). A log must hold one run of each
+    executable: a second run's lines would be taken for more parties (rounds too low).
     """
     by_exe: dict[str, dict[str, Traffic]] = defaultdict(lambda: defaultdict(Traffic))
     links: list[PartyTraffic] = []
@@ -144,8 +168,8 @@ def parse_profile(text: str) -> tuple[dict[str, dict[str, Traffic]], list[PartyT
         if m := _HEADER.search(line):
             current, headers = m.group(1), headers + 1
         elif m := _OP.search(line):
-            by_exe[current][m.group(1)].add(Traffic(int(m.group(4)), int(m.group(6)),
-                                                    float(m.group(3))))
+            by_exe[current][m.group(1)].add_party(Traffic(int(m.group(4)), int(m.group(6)),
+                                                          float(m.group(3))))
         elif m := _LINK.search(line):
             links.append(PartyTraffic(*(int(g) for g in m.groups())))
     return by_exe, links, headers
@@ -164,7 +188,7 @@ def fill_report(report: CostReport, by_exe: dict[str, dict[str, Traffic]],
     for exe, ops in by_exe.items():
         seg_group = group_of_exe(exe)
         for op, t in ops.items():
-            t = Traffic(t.bytes, t.messages, t.time_s / max(parties_logging, 1))
+            t = Traffic(t.bytes, t.messages, t.time_s / max(parties_logging, 1), t.rounds)
             report.ops.setdefault(op, Traffic()).add(t)
             groups[seg_group or OP_GROUPS.get(op, "other")].add(t)
             report.total.add(t)
@@ -180,6 +204,7 @@ def report_from_profiles(protocol: str, world_size: int, queries: list[list[dict
     by_exe: dict[str, dict[str, Traffic]] = {}
     for profiles in queries:
         report.wall_s += max(p["wall_s"] for p in profiles)
+        query: dict[str, dict[str, Traffic]] = {}  # this query's ops, parties merged
         for rank, prof in enumerate(profiles):
             party = report.per_party[rank]
             sb, rb, sm, rm = prof["link"]
@@ -189,8 +214,13 @@ def report_from_profiles(protocol: str, world_size: int, queries: list[list[dict
             party.recv_messages += rm
             for exe, ops in prof["by_exe"].items():
                 for op, (b, m, t) in ops.items():
-                    by_exe.setdefault(exe, {}).setdefault(op, Traffic()).add(Traffic(b, m, t))
+                    query.setdefault(exe, {}).setdefault(op, Traffic()).add_party(
+                        Traffic(b, m, t))
+        for exe, ops in query.items():  # queries run one after another: rounds add up
+            for op, t in ops.items():
+                by_exe.setdefault(exe, {}).setdefault(op, Traffic()).add(t)
     fill_report(report, by_exe, world_size)
     report.total = Traffic(sum(p.send_bytes for p in report.per_party),
-                           sum(p.send_messages for p in report.per_party), report.total.time_s)
+                           sum(p.send_messages for p in report.per_party), report.total.time_s,
+                           report.total.rounds)
     return report
