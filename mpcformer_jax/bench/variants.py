@@ -46,13 +46,14 @@ class Shape:
     fit_layers: tuple[int, int] = (1, 2)
     small: bool = False
 
-    hidden: int = 768  # heads = hidden / 64, FFN = 4 x hidden, BERT's vocabulary
+    hidden: int = 768  # FFN = 4 x hidden, BERT's vocabulary
+    heads: int = 0     # 0: hidden / 64 (BERT's head size)
 
     def config(self, layers: int) -> BertConfig:
         if self.small:
             return BertConfig.tiny(num_hidden_layers=layers)
         return BertConfig.base(num_hidden_layers=layers, hidden_size=self.hidden,
-                               num_attention_heads=self.hidden // 64,
+                               num_attention_heads=self.heads or self.hidden // 64,
                                intermediate_size=4 * self.hidden)
 
 
@@ -63,6 +64,9 @@ SHAPES = {
     # 4-layer, hidden-256 BERT with the real vocabulary, and the tiny model, fit.
     "base-32": Shape("base-32", 32, 12),
     "mini-32": Shape("mini-32", 32, 4, hidden=256),
+    # The default student's shape (all-MiniLM-L6-v2: 6 layers, hidden 384, 12 heads) at the
+    # issue-10 query, one text of 16 tokens; run at full depth (--full-depth) for its compute.
+    "minilm-16": Shape("minilm-16", 16, 6, hidden=384, heads=12),
     "tiny-16": Shape("tiny-16", 16, 2, small=True),
 }
 PROTOCOLS = ("ABY3", "SEMI2K", "CHEETAH")
