@@ -1,7 +1,9 @@
 """One private forward of a benchmark variant, and extrapolation over the number of layers.
 
-Runs go through ``mpcformer_jax.private.run`` (the client one-hot encodes its tokens and the
-model does ``one_hot @ word_embeddings`` under MPC, so the token lookup is included), with the
+Runs go through ``mpcformer_jax.private.run`` on the prepared model (``private.model.prepare``)
+(the client one-hot encodes its tokens and the model does ``one_hot @ word_embeddings`` under
+MPC, so the token lookup is included; with ``public_table=True`` the client looks its tokens up
+in a public table and shares L x H vectors instead), with the
 protocol's ready config from ``spu_configs/`` plus optional runtime/compiler overrides, the
 same for every variant. Figures are SPU's link counters (bytes and messages, all parties)
 and its per-segment profile (per op group).
@@ -22,7 +24,13 @@ from mpcformer_jax.models import init_params
 from mpcformer_jax.private import load_config, run
 from mpcformer_jax.private.api import DEFAULT_CONFIGS
 from mpcformer_jax.private.config import CONFIG_DIR
-from mpcformer_jax.private.model import compile_for, encode_client_inputs, make_private_forward
+from mpcformer_jax.models.public_table import table_sha256, word_table
+from mpcformer_jax.private.model import (
+    compile_for,
+    encode_client_inputs,
+    make_private_forward,
+    prepare,
+)
 
 # Numeric fields of a record that are summed over layers (and so extrapolated).
 LINEAR_FIELDS = ("wall_s", "cpu_s", "bytes", "messages")
@@ -60,22 +68,32 @@ def client_batch(vocab_size: int, seq_len: int, seed: int = 0) -> dict[str, np.n
 
 def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
             runtime: dict | None = None, compiler: dict | None = None,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, public_table: bool = False) -> dict[str, Any]:
     """Runs ``variant`` at ``shape`` with ``layers`` encoder layers; returns a JSON record.
 
     The record holds wall time, bytes and messages (all parties), the per-group breakdown,
     the client's upload (its input shares), and the gap to the plaintext logits.
+    ``public_table``: the word-embedding table is public (the random model's own stands in
+    for a public checkpoint's): the client looks up and shares (L, hidden) vectors.
     """
     config = shape.config(layers).with_approximation(variant.approximation)
     params = init_params(config, seed)  # random weights: cost does not depend on them
+    table = None
+    if public_table:
+        table = word_table(params)
+        config = config.replace(public_table_source="random",
+                                public_table_sha256=table_sha256(table))
+    config, params = prepare(config, params)  # what the owner compiles and shares
     batch = client_batch(config.vocab_size, shape.seq_len, seed)
     cluster = cluster_config(protocol, runtime, compiler)
-    one_hot, mask = encode_client_inputs(config, batch["input_ids"], batch["attention_mask"])
+    one_hot, mask = encode_client_inputs(config, batch["input_ids"], batch["attention_mask"],
+                                         table=table)
     compile_s = time.perf_counter()
     compile_for(config, params, *one_hot.shape[:2], cluster.compiler_options())  # for run()
     compile_s = time.perf_counter() - compile_s
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    result = run((config, params), batch, config=cluster, attribution="segments", compare=False)
+    result = run((config, params), batch, config=cluster, attribution="segments", compare=False,
+                 table=table)
     rep = result.report
     cpu_s = _cpu_seconds() - cpu_start  # the parties' threads only (see _cpu_seconds)
     total_s = time.perf_counter() - start
@@ -93,7 +111,7 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
         "groups": {g: {"bytes": t.bytes, "messages": t.messages, "wall_s": t.time_s}
                    for g, t in rep.groups.items()},
         "client_bytes": rep.input_bytes.get("client", 0),
-        "max_abs_diff": diff, "label_agreement": agree,
+        "max_abs_diff": diff, "label_agreement": agree, "public_table": public_table,
     }
 
 
