@@ -1,9 +1,7 @@
 """One private forward of a benchmark variant, and extrapolation over the number of layers.
 
-Runs go through ``mpcformer_jax.private.run`` on the prepared model (``private.model.prepare``)
-(the client one-hot encodes its tokens and the model does ``one_hot @ word_embeddings`` under
-MPC, so the token lookup is included; with ``public_table=True`` the client looks its tokens up
-in a public table and shares L x H vectors instead), with the
+Runs go through ``mpcformer_jax.private.run`` (the client one-hot encodes its tokens and the
+model does ``one_hot @ word_embeddings`` under MPC, so the token lookup is included), with the
 protocol's ready config from ``spu_configs/`` plus optional runtime/compiler overrides, the
 same for every variant. Figures are SPU's link counters (bytes and messages, all parties)
 and its per-segment profile (per op group).
@@ -21,10 +19,10 @@ import numpy as np
 
 from mpcformer_jax.bench.variants import Shape, Variant
 from mpcformer_jax.models import init_params
+from mpcformer_jax.models.public_table import table_sha256, word_table
 from mpcformer_jax.private import load_config, run
 from mpcformer_jax.private.api import DEFAULT_CONFIGS
 from mpcformer_jax.private.config import CONFIG_DIR
-from mpcformer_jax.models.public_table import table_sha256, word_table
 from mpcformer_jax.private.model import (
     compile_for,
     encode_client_inputs,

@@ -7,10 +7,10 @@
 
 It tokenizes locally and encodes the tokens: the rows of the public word-embedding table
 when the model names one (loaded once from the client's own copy of that checkpoint and
-hash-checked; a mismatch refuses before anything is shared), else one-hot rows. It picks the smallest served (batch, length) bucket
-that fits, secret-shares the inputs and sends each node its share over mutual TLS, then
-reconstructs the logits from the nodes' output shares. A text longer than the largest
-bucket is truncated, and its prediction says so.
+hash-checked; a mismatch refuses before anything is shared), else one-hot rows. It picks
+the smallest served (batch, length) bucket that fits, secret-shares the inputs and sends
+each node its share over mutual TLS, then reconstructs the logits from the nodes' output
+shares. A text longer than the largest bucket is truncated, and its prediction says so.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 It prepares the model in plaintext (``private.model.prepare``: constants folded into the
 weights, a public word table left out), compiles the forward once per (batch, length) bucket
-(shapes only, no client data), secret-shares every weight with fresh randomness and uploads each node its share and the
-executables, over mutual TLS. After that it holds nothing the queries need; it stays to
-re-share if the nodes restart and to stop them.
+(shapes only, no client data), secret-shares every weight with fresh randomness and
+uploads each node its share and the executables, over mutual TLS. After that it holds
+nothing the queries need; it stays to re-share if the nodes restart and to stop them.
 """
 
 from __future__ import annotations
