@@ -34,7 +34,12 @@ from mpcformer_jax.bench.measure import cluster_config
 from mpcformer_jax.data import load_task, tokenize_split
 from mpcformer_jax.models import load_pretrained
 from mpcformer_jax.private import run
-from mpcformer_jax.private.model import encode_client_inputs, make_private_forward
+from mpcformer_jax.private.model import (
+    client_table,
+    encode_client_inputs,
+    make_private_forward,
+    prepare,
+)
 
 
 def padded(tok, idx, length: int) -> dict[str, np.ndarray]:
@@ -54,11 +59,15 @@ def evaluate(config, params, tok, buckets: list[int], n_private: int, batch: int
     pipeline batches them (a client pads to a public length bucket, not to the maximum).
     """
     length = max(buckets)
+    # What private inference runs: the prepared model (run() prepares it the same way) on the
+    # client's input (public-table rows, hash-checked, or one-hot rows).
+    config, params = prepare(config, params)
+    table = client_table(config)
     fwd = jax.jit(make_private_forward(config))
     plain = []
     for start in range(0, len(tok), 64):
         b = padded(tok, range(start, min(start + 64, len(tok))), length)
-        plain.append(np.asarray(fwd(params, *encode_client_inputs(config, **b))))
+        plain.append(np.asarray(fwd(params, *encode_client_inputs(config, **b, table=table))))
     plain = np.concatenate(plain).argmax(-1)
     n = min(n_private, len(tok))
     fits = [min(b for b in buckets if b >= min(x, length)) for x in tok.lengths[:n]]
@@ -69,7 +78,7 @@ def evaluate(config, params, tok, buckets: list[int], n_private: int, batch: int
             idx = members[start:start + batch]
             # The ready ABY3 config with a longer timeout: 2 shared cores are slow.
             res = run((config, params), padded(tok, idx, bucket), config=cluster_config("ABY3"),
-                      compare=True)
+                      compare=True, table=table)
             private[idx] = res.labels
             diffs.append(res.max_abs_diff)
             wall += res.report.wall_s

@@ -124,7 +124,13 @@ def run_split(args) -> dict:
     from mpcformer_jax.data import load_task
     from mpcformer_jax.models import load_pretrained
     from mpcformer_jax.private import Client, QueryError, Service, load_config
-    from mpcformer_jax.private.model import encode_client_inputs, make_private_forward, tokenize
+    from mpcformer_jax.private.model import (
+        client_table,
+        encode_client_inputs,
+        make_private_forward,
+        prepare,
+        tokenize,
+    )
 
     name = args.name or f"{Path(args.model).parent.name}_{args.task}_{args.config}"
     out = RESULTS / "private_split" / f"{name}.jsonl"
@@ -132,6 +138,10 @@ def run_split(args) -> dict:
     test = load_task(args.task).splits["test"]
     texts, labels = list(test.texts), [int(y) for y in test.labels]
     config, params, tokenizer = load_pretrained(args.model)
+    # The plaintext side runs what the service serves (the prepared model) on what the client
+    # shares (public-table rows, hash-checked, or one-hot rows).
+    config, params = prepare(config, params)
+    table = client_table(config)
     lengths = [len(x) for x in tokenizer(texts, truncation=False)["input_ids"]]
     queries = plan(lengths, args.batch)[:args.limit]
     done = {tuple(r["indices"]) for r in _rows(out)}
@@ -147,7 +157,7 @@ def run_split(args) -> dict:
                 if service is None:
                     service = Service(cluster, args.model, state, args.buckets)
                     service.start()
-                    client = Client(state, timeout_s=args.query_timeout)
+                    client = Client(state, timeout_s=args.query_timeout, table=table)
                 idx = todo[k]
                 batch = [texts[i] for i in idx]
                 start = time.perf_counter()
@@ -169,7 +179,8 @@ def run_split(args) -> dict:
                 (bucket,) = result.buckets
                 b, n = (int(v) for v in bucket.split("x"))
                 ids, mask = tokenize(tokenizer, batch + [""] * (b - len(batch)), n)
-                plain = np.asarray(fwd(params, *encode_client_inputs(config, ids, mask)))
+                plain = np.asarray(fwd(params, *encode_client_inputs(config, ids, mask,
+                                                                      table)))
                 row = {"indices": idx, "bucket": bucket, "labels": [labels[i] for i in idx],
                        "private": [p.logits for p in result.predictions],
                        "plain": plain[:len(idx)].tolist(), "wall_s": wall,

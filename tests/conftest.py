@@ -67,14 +67,22 @@ def tiny_student(tmp_path_factory):
 
 
 def plaintext_logits(model_dir, texts, length):
-    """The plaintext forward on exactly what a client shares at ``length`` tokens."""
+    """The plaintext forward of the prepared model (what the owner serves) on exactly what a
+    client shares at ``length`` tokens."""
     from mpcformer_jax.models import load_pretrained
-    from mpcformer_jax.private.model import encode_client_inputs, make_private_forward, tokenize
+    from mpcformer_jax.private.model import (
+        client_table,
+        encode_client_inputs,
+        make_private_forward,
+        prepare,
+        tokenize,
+    )
 
     config, params, tokenizer = load_pretrained(model_dir)
+    config, params = prepare(config, params)
     ids, mask = tokenize(tokenizer, texts, length)
-    return np.asarray(make_private_forward(config)(params, *encode_client_inputs(config, ids,
-                                                                                  mask)))
+    inputs = encode_client_inputs(config, ids, mask, client_table(config))
+    return np.asarray(make_private_forward(config)(params, *inputs))
 
 
 def make_synthetic_split(n: int, seed: int, vocab: int = 128, max_len: int = 24):

@@ -525,3 +525,31 @@ def test_research_api_processes_backend_runs_through_a_service(tiny_student):
     report = result.report
     assert len(report.per_party) == 2 and report.total.bytes > 0
     assert report.input_bytes["owner"] > report.input_bytes["client"] > 0
+
+
+@pytest.mark.slow  # starts SPU node processes
+def test_public_table_model_is_served_and_verified(service, tiny_student, tmp_path):
+    """A student whose word table is a public checkpoint's: the owner shares no table, the
+    card names it, the client checks its hash, looks up, and the answers match plaintext."""
+    from mpcformer_jax.models import load_pretrained, save_pretrained
+    from mpcformer_jax.models.public_table import mark_public, word_table
+
+    config, params, tokenizer = load_pretrained(tiny_student)
+    source = save_pretrained(tmp_path / "source", config, params)
+    config = mark_public(config, params, str(source), word_table(params))
+    model = save_pretrained(tmp_path / "student", config, params, tokenizer)
+    svc = Service(load_config("aby3_3pc"), model, tmp_path / "state", "2x8")
+    try:
+        svc.start()
+        card = json.loads((svc.state / "card" / "private_config.json").read_text())
+        assert card["public_table"]["sha256"] == config.public_table_sha256
+        with Client(svc.state) as client:
+            assert client.table is not None and client.config.folded
+            client.verify()  # the card's prepared config compiles to the nodes' program
+            result = client.classify(TEXTS[:2])
+            _check(result, model, TEXTS[:2])
+            upload = client.upload["bytes"]
+        with Client(service.state) as one_hot_client:  # the same student, table private
+            assert upload < one_hot_client.upload["bytes"]
+    finally:
+        svc.stop()

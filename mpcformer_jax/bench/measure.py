@@ -20,10 +20,16 @@ from mpcformer_jax.bench import network
 from mpcformer_jax.bench.records import CPU_METHOD, GroupCost, Record, extrapolate  # noqa: F401
 from mpcformer_jax.bench.variants import Shape, Variant
 from mpcformer_jax.models import init_params
+from mpcformer_jax.models.public_table import table_sha256, word_table
 from mpcformer_jax.private import load_config, run
 from mpcformer_jax.private.api import DEFAULT_CONFIGS
 from mpcformer_jax.private.config import CONFIG_DIR
-from mpcformer_jax.private.model import compile_for, encode_client_inputs, make_private_forward
+from mpcformer_jax.private.model import (
+    compile_for,
+    encode_client_inputs,
+    make_private_forward,
+    prepare,
+)
 
 
 def _cpu_seconds() -> float:
@@ -62,20 +68,27 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
     network.py), the per-group breakdown, the client's upload (its input shares), and the
     gap to the plaintext logits.
 
-    ``public_table``: PLACEHOLDER, not acted on yet: the client-input change (client sends
-    looked-up rows of a public table) lands from another branch and replaces this signature;
-    here the flag is only recorded, so the CLI can already pass it.
+    ``public_table``: the word-embedding table is public (the random model's own stands in
+    for a public checkpoint's): the client looks up and shares (L, hidden) vectors.
     """
     config = shape.config(layers).with_approximation(variant.approximation)
     params = init_params(config, seed)  # random weights: cost does not depend on them
+    table = None
+    if public_table:
+        table = word_table(params)
+        config = config.replace(public_table_source="random",
+                                public_table_sha256=table_sha256(table))
+    config, params = prepare(config, params)  # what the owner compiles and shares
     batch = client_batch(config.vocab_size, shape.seq_len, seed)
     cluster = cluster_config(protocol, runtime, compiler)
-    one_hot, mask = encode_client_inputs(config, batch["input_ids"], batch["attention_mask"])
+    one_hot, mask = encode_client_inputs(config, batch["input_ids"], batch["attention_mask"],
+                                         table=table)
     compile_s = time.perf_counter()
     compile_for(config, params, *one_hot.shape[:2], cluster.compiler_options())  # for run()
     compile_s = time.perf_counter() - compile_s
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    result = run((config, params), batch, config=cluster, attribution="segments", compare=False)
+    result = run((config, params), batch, config=cluster, attribution="segments", compare=False,
+                 table=table)
     rep = result.report
     cpu_s = _cpu_seconds() - cpu_start  # the parties' threads only (see _cpu_seconds)
     total_s = time.perf_counter() - start

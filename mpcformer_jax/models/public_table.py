@@ -74,13 +74,22 @@ def load_public_table(config: BertConfig) -> np.ndarray:
 
     _, params, _ = load_pretrained(config.public_table_source)
     table = word_table(params)
+    check_public_table(config, table)
+    return table
+
+
+def check_public_table(config: BertConfig, table: np.ndarray) -> None:
+    """Raises ValueError unless ``table`` has the SHA-256 that ``config`` names."""
+    if not config.public_table_source:
+        raise ValueError("this model's word-embedding table is private (no public_table "
+                         "source in its config): the client one-hot encodes its tokens.")
     found = table_sha256(table)
     if found != config.public_table_sha256:
         raise ValueError(
-            f"the word-embedding table of {config.public_table_source!r} on this machine has "
+            f"the word-embedding table given for {config.public_table_source!r} has "
             f"SHA-256 {found[:16]}..., but the model says {config.public_table_sha256[:16]}...: "
-            "install the checkpoint the model was trained from, or do not trust this model.")
-    return table
+            "install the checkpoint the model was trained from, or do not trust this model "
+            "(nothing was shared).")
 
 
 def lookup(table: np.ndarray, input_ids: np.ndarray) -> np.ndarray:

@@ -22,9 +22,11 @@ import numpy as np
 from mpcformer_jax.private.config import ClusterConfig, ConfigError, load_config
 from mpcformer_jax.private.cost import CostReport
 from mpcformer_jax.private.model import (
+    client_table,
     compile_for,
     encode_client_inputs,
     make_private_forward,
+    prepare,
     tokenize,
 )
 
@@ -87,7 +89,7 @@ def prepare_batch(config, tokenizer, batch, max_length: int | None):
 
 def run(model, batch, protocol: str | None = None, *, config=None, max_length: int | None = None,
         backend: str = "threads", attribution: str = "segments", compare: bool = True,
-        timeout_s: float | None = None) -> PrivateResult:
+        timeout_s: float | None = None, table: np.ndarray | None = None) -> PrivateResult:
     """Runs one private forward pass and reports its cost.
 
     Args:
@@ -104,21 +106,33 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
         pphlo op name).
       compare: also run the plaintext forward and report max |logit diff| and label agreement.
       timeout_s: bound on every wait (default: the config's ``timeout_s``).
+      table: for a model whose word-embedding table is public, the client's copy of it
+        (hash-checked against the config); default: loaded from the checkpoint the config
+        names. Ignored for a model with a private table (the client one-hot encodes).
 
     Returns:
-      A PrivateResult.
+      A PrivateResult. The plaintext comparison runs the prepared model on the same client
+      input.
+
+    Raises:
+      ValueError: the public table's hash differs from the config's (before anything is
+        shared), or bad token ids.
     """
     cluster = resolve_cluster(protocol, config)
     model_config, params, tokenizer = load_model(model)
+    # The owner's plaintext step: fold, and drop a public word table from what is shared.
+    model_config, params = prepare(model_config, params)
     ids, mask = prepare_batch(model_config, tokenizer, batch, max_length)
-    one_hot, mask_f = encode_client_inputs(model_config, ids, mask)
+    # The client's: public-table rows (hash-checked table) or one-hot rows.
+    client_input, mask_f = encode_client_inputs(model_config, ids, mask,
+                                                client_table(model_config, table))
     start = time.perf_counter()
     compiled = compile_for(model_config, params, *ids.shape, cluster.compiler_options(),
                            attribution)
     compile_s = time.perf_counter() - start  # about 0 when the cache already held it
     owner = dict(zip(compiled.param_names,
                      (np.asarray(x) for x in jax.tree_util.tree_leaves(params)), strict=True))
-    client = dict(zip(compiled.input_names, (one_hot, mask_f), strict=True))
+    client = dict(zip(compiled.input_names, (client_input, mask_f), strict=True))
     timeout = timeout_s or cluster.timeout_s
     if backend == "threads":
         from mpcformer_jax.private.simulate import run_threads
@@ -126,14 +140,15 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
         logits, report = run_threads(compiled, cluster.runtime_config(), cluster.world_size,
                                      owner, client, timeout)
     elif backend == "processes":
-        logits, report = _run_service(model, cluster, ids.shape, [one_hot, mask_f], timeout,
-                                      attribution)
+        logits, report = _run_service(model, cluster, ids.shape, [client_input, mask_f],
+                                      timeout, attribution, table)
     else:
         raise ValueError(f"backend must be 'threads' or 'processes', got {backend!r}")
     report.compile_s = compile_s
     result = PrivateResult(logits, report)
     if compare:
-        plain = np.asarray(jax.jit(make_private_forward(model_config))(params, one_hot, mask_f))
+        plain = np.asarray(jax.jit(make_private_forward(model_config))(params, client_input,
+                                                                       mask_f))
         result.plaintext_logits = plain
         result.max_abs_diff = float(np.max(np.abs(plain - logits)))
         result.label_agreement = float(np.mean(plain.argmax(-1) == logits.argmax(-1)))
@@ -143,7 +158,7 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
 
 
 def _run_service(model, cluster: ClusterConfig, shape, arrays, timeout_s: float,
-                 attribution: str) -> tuple[np.ndarray, CostReport]:
+                 attribution: str, table=None) -> tuple[np.ndarray, CostReport]:
     """One query through a local service started for it (the ``processes`` backend)."""
     import tempfile
 
@@ -158,7 +173,7 @@ def _run_service(model, cluster: ClusterConfig, shape, arrays, timeout_s: float,
         service = Service(cluster, model, state, [tuple(shape)], attribution=attribution)
         try:
             service.start()
-            with Client(state) as client:
+            with Client(state, table=table) as client:
                 bucket = f"{shape[0]}x{shape[1]}"
                 logits, profiles = client.run_query(bucket, arrays)
                 upload = client.upload

@@ -221,6 +221,11 @@ def run_command(command: str | None, args) -> None:
                 client.verify()
                 print("spu_run query: every node runs the program compiled from the card",
                       file=sys.stderr)
+                if client.config.public_table_source:
+                    print(f"spu_run query: tokens are looked up here in the public table of "
+                          f"{client.config.public_table_source} (SHA-256 "
+                          f"{client.config.public_table_sha256[:16]}..., checked)",
+                          file=sys.stderr)
             print_results(client.classify(texts), args.json)
     elif command == "certs":
         from mpcformer_jax.private import tls

@@ -1,17 +1,27 @@
 """The model-specific part of private inference: the pure forward and the client's encoding.
 
 Everything else in ``mpcformer_jax.private`` sees only a pure function of
-``(params, one_hot_ids, mask)`` and arrays, so another model needs changes here only.
+``(params, client_input, mask)`` and arrays, so another model needs changes here only.
+
+Who calls what: the owner ``prepare``s its model in plaintext, then compiles and shares it;
+the client takes the prepared config (from the public card), gets the public word table with
+``client_table`` when the config names one, and ``encode_client_inputs``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 
 from mpcformer_jax.models import BertConfig, fold, forward
-from mpcformer_jax.models.public_table import lookup, without_word_table
+from mpcformer_jax.models.public_table import (
+    check_public_table,
+    load_public_table,
+    lookup,
+    without_word_table,
+)
 from mpcformer_jax.private.compile import compile_cached
 
 
@@ -27,6 +37,51 @@ def prepare(config: BertConfig, params) -> tuple[BertConfig, dict]:
     if config.public_table_source and "word_embeddings" in params["bert"]["embeddings"]:
         params = without_word_table(params)
     return config, params
+
+
+def prepared_config(config: BertConfig) -> BertConfig:
+    """The config ``prepare`` returns, from the config alone (no weights needed): what the
+    public card carries, so a client compiles the program the nodes run."""
+    return config.replace(folded=True)
+
+
+def prepared_param_shapes(config: BertConfig) -> dict:
+    """Shapes (ShapeDtypeStructs) of the parameters the owner shares for a ``prepare``d
+    config: a client recompiles the program from them and the public card alone."""
+    import jax
+
+    from mpcformer_jax.models import init_params
+
+    shapes = jax.eval_shape(lambda: init_params(config, 0))
+    return without_word_table(shapes) if config.public_table_source else shapes
+
+
+def client_table(config: BertConfig, table: np.ndarray | None = None) -> np.ndarray | None:
+    """The public word-embedding table the client looks its tokens up in, hash-checked; None
+    when the model's table is private (the client one-hot encodes).
+
+    ``table``: the client's own copy, checked against the config's hash; default: loaded
+    from the checkpoint the config names (``load_public_table``), once per process.
+
+    Raises:
+      ValueError: the table's hash differs from the one the config names (refused before
+        anything is shared).
+    """
+    if not config.public_table_source:
+        return None
+    if table is None:
+        return _loaded_table(config.public_table_source, config.public_table_sha256)
+    check_public_table(config, table)
+    return np.asarray(table, np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_table(source: str, sha256: str) -> np.ndarray:
+    # Keyed on (source, hash): a table is only returned for the hash it was checked against.
+    config = BertConfig(public_table_source=source, public_table_sha256=sha256)
+    table = np.asarray(load_public_table(config), np.float32)
+    table.setflags(write=False)  # shared by every later caller
+    return table
 
 
 def make_private_forward(config: BertConfig):
@@ -101,14 +156,24 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarr
 
 def compile_for(config: BertConfig, params, batch_size: int, length: int, copts,
                 attribution: str = "segments"):
-    """The forward of ``config`` compiled for SPU at one (batch, length) bucket (cached).
+    """The forward of a ``prepare``d ``config`` compiled for SPU at one (batch, length)
+    bucket (cached).
 
     Only shapes are used: the owner compiles without any client data, and a client can
     compile the same program from the public card (params as shape structs).
     """
     import jax
 
-    one_hot = jax.ShapeDtypeStruct((batch_size, length, client_input_width(config)), np.float32)
+    # Every path to SPU goes through prepare(): an unfolded model would pay truncations the
+    # weights can absorb, and a public table would be shared although the client has it.
+    if not config.folded:
+        raise ValueError("compile the prepared model: config, params = "
+                         "mpcformer_jax.private.model.prepare(config, params)")
+    if config.public_table_source and "word_embeddings" in params["bert"]["embeddings"]:
+        raise ValueError("this model's word-embedding table is public: prepare() drops it "
+                         "from the shared weights (the client looks its tokens up)")
+    client_input = jax.ShapeDtypeStruct((batch_size, length, client_input_width(config)),
+                                        np.float32)
     mask = jax.ShapeDtypeStruct((batch_size, length), np.float32)
-    return compile_cached(config, make_private_forward(config), params, (one_hot, mask), copts,
-                          attribution)
+    return compile_cached(config, make_private_forward(config), params, (client_input, mask),
+                          copts, attribution)

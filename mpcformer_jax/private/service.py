@@ -50,13 +50,17 @@ def log(msg: str) -> None:
 
 def estimate_memory(model_config, n_params: int, cluster: ClusterConfig, buckets,
                     local_nodes: bool) -> dict[str, int]:
-    """Bytes the nodes will hold: weight shares, plus the queued and running queries' one-hot
-    shares and SPU's working copies of the largest bucket (measured: about 3x its input).
+    """Bytes the nodes will hold: weight shares, plus the queued and running queries' input
+    shares (one-hot or public-table rows, and the mask) and SPU's working copies of the
+    largest bucket (measured: about 3x its input).
 
     A rough upper bound, to refuse a start that cannot fit instead of dying in ``bad_alloc``.
     """
+    from mpcformer_jax.private.model import client_input_width
+
     per_elem = bytes_per_element(cluster.runtime_config(), cluster.world_size)
-    largest = max(b * n * (model_config.vocab_size + 1) for b, n in buckets)
+    width = client_input_width(model_config) + 1
+    largest = max(b * n * width for b, n in buckets)
     per_node = n_params * per_elem + (cluster.max_queue + 3) * largest * per_elem
     nodes = cluster.world_size if local_nodes else 1
     return {"per_node": per_node, "total": per_node * nodes, "available": mem_available()}
@@ -71,11 +75,12 @@ def preflight(cluster: ClusterConfig, model_dir: str | Path, buckets, local_node
         use, or an estimate above this machine's available memory.
     """
     from mpcformer_jax.models import BertConfig, resolve_checkpoint
+    from mpcformer_jax.private.model import prepared_config
 
     try:
         folder = resolve_checkpoint(model_dir)
         hf = json.loads((folder / "config.json").read_text())
-        config = BertConfig.from_hf_config(hf)
+        config = prepared_config(BertConfig.from_hf_config(hf))  # what the owner will serve
     except FileNotFoundError as err:
         raise ServiceError(f"model {str(model_dir)!r}: {err}") from None
     except (OSError, json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
@@ -112,12 +117,12 @@ def preflight(cluster: ClusterConfig, model_dir: str | Path, buckets, local_node
 
 
 def _count_params(config) -> int:
+    """Weights the owner shares for a prepared ``config`` (no public word table)."""
     import jax
 
-    from mpcformer_jax.models import init_params
+    from mpcformer_jax.private.model import prepared_param_shapes
 
-    shapes = jax.eval_shape(lambda: init_params(config, 0))
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes))
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(prepared_param_shapes(config)))
 
 
 @dataclasses.dataclass
@@ -186,13 +191,15 @@ class Service:
             fd = os.open(salt_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(16))
-        export_card(self.model_dir, self.state / "card")
         if not self.remote:
             self._start_nodes()
         t0 = time.perf_counter()
         self.owner = Owner(self.model_dir, self.cluster, self.buckets, ident, self.attribution,
                            salt_file.read_bytes())
         log(f"compiled {len(self.buckets)} bucket(s) in {time.perf_counter() - t0:.1f} s")
+        # The card carries the config the owner compiled (prepared), so a client recompiles
+        # the very program the nodes run (Client.verify).
+        export_card(self.model_dir, self.state / "card", self.owner.config)
         self._upload()
 
     def _start_nodes(self) -> None:

@@ -5,10 +5,12 @@
     result = client.classify(["a gripping film", "dull"])
     result.predictions[0].label, result.cost.format()
 
-It tokenizes and one-hot encodes locally, picks the smallest served (batch, length) bucket
-that fits, secret-shares the inputs and sends each node its share over mutual TLS, then
-reconstructs the logits from the nodes' output shares. A text longer than the largest
-bucket is truncated, and its prediction says so.
+It tokenizes locally and encodes the tokens: the rows of the public word-embedding table
+when the model names one (loaded once from the client's own copy of that checkpoint and
+hash-checked; a mismatch refuses before anything is shared), else one-hot rows. It picks
+the smallest served (batch, length) bucket that fits, secret-shares the inputs and sends
+each node its share over mutual TLS, then reconstructs the logits from the nodes' output
+shares. A text longer than the largest bucket is truncated, and its prediction says so.
 """
 
 from __future__ import annotations
@@ -106,13 +108,20 @@ class Client:
       timeout_s: bound on one query, queueing included (default: the cluster's timeout_s,
         at least 600 s).
       retries: how often a query is sent again after the service restarted its nodes.
+      table: the client's copy of the model's public word-embedding table (hash-checked);
+        default: loaded from the checkpoint the card names. Unused for a model whose table
+        is private.
+
+    Raises:
+      ValueError: the public table found has another hash than the card's (nothing shared).
     """
 
     def __init__(self, state_dir: str | Path, name: str = "client", certs: str | None = None,
-                 timeout_s: float | None = None, retries: int = 2):
+                 timeout_s: float | None = None, retries: int = 2, table=None):
         import spu
 
         from mpcformer_jax.private.card import load_card
+        from mpcformer_jax.private.model import client_table
 
         self.state_dir = Path(state_dir)
         self.endpoint = read_endpoint(self.state_dir)
@@ -122,6 +131,8 @@ class Client:
         self.config, self.tokenizer, self.labels = load_card(card)
         if self.tokenizer is None:
             raise QueryError(f"the model card {card} has no tokenizer: cannot classify text")
+        # Once, before any query: the public table the card names, or None (one-hot).
+        self.table = client_table(self.config, table)
         self.buckets = sorted(((int(b), int(n)) for b, n in
                                (k.split("x") for k in self.endpoint["buckets"])),
                               key=lambda bl: (bl[0] * bl[1], bl))
@@ -207,8 +218,8 @@ class Client:
             chunk, lens = texts[i:i + take], lengths[i:i + take]
             i += take
             ids, mask = tokenize(self.tokenizer, chunk + [""] * (b - len(chunk)), n)
-            one_hot, mask_f = encode_client_inputs(self.config, ids, mask)
-            logits, node_profiles = self.run_query(f"{b}x{n}", [one_hot, mask_f])
+            client_input, mask_f = encode_client_inputs(self.config, ids, mask, self.table)
+            logits, node_profiles = self.run_query(f"{b}x{n}", [client_input, mask_f])
             profiles.append(node_profiles)
             buckets.append(f"{b}x{n}")
             predictions += [prediction(t, lg, self.labels, k, k > n)
@@ -331,13 +342,11 @@ class Client:
         Raises:
           QueryError: a node runs a program other than the card's, or serves other buckets.
         """
-        import jax
-
-        from mpcformer_jax.models import init_params
-        from mpcformer_jax.private.model import compile_for
+        from mpcformer_jax.private.model import compile_for, prepared_param_shapes
         from mpcformer_jax.private.program import program_digest
 
-        params = jax.eval_shape(lambda: init_params(self.config, 0))
+        # The card's config is the prepared one; the shapes are what the owner shares.
+        params = prepared_param_shapes(self.config)
         copts = self.cluster.compiler_options()
         mine = {f"{b}x{n}": program_digest(compile_for(self.config, params, b, n, copts))
                 for b, n in self.buckets}

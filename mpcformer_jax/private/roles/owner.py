@@ -1,9 +1,10 @@
 """The model owner: the only role that reads the weights.
 
-It compiles the forward once per (batch, length) bucket (shapes only, no client data),
-secret-shares every weight with fresh randomness and uploads each node its share and the
-executables, over mutual TLS. After that it holds nothing the queries need; it stays to
-re-share if the nodes restart and to stop them.
+It prepares the model in plaintext (``private.model.prepare``: constants folded into the
+weights, a public word table left out), compiles the forward once per (batch, length) bucket
+(shapes only, no client data), secret-shares every weight with fresh randomness and
+uploads each node its share and the executables, over mutual TLS. After that it holds
+nothing the queries need; it stays to re-share if the nodes restart and to stop them.
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ class Owner:
         import jax
 
         from mpcformer_jax.models import load_pretrained
-        from mpcformer_jax.private.model import compile_for
+        from mpcformer_jax.private.model import compile_for, prepare
 
         self.cluster, self.ident = cluster, ident
-        self.config, params, _ = load_pretrained(model_dir)
+        # In plaintext, before compiling or sharing anything: fold the public constants into
+        # the weights, and keep a public word table out of the shares (the client has it).
+        self.config, params = prepare(*load_pretrained(model_dir)[:2])
         self.buckets = parse_buckets(buckets)
         too_long = [b for b in self.buckets if b[1] > self.config.max_length]
         if too_long:

@@ -1,0 +1,172 @@
+"""The prepared model of private inference: fold and fused QKV change nothing, a public word
+table is looked up by the client (smaller upload, same logits), a wrong table is refused
+before anything is shared, and the newer approximation variants run privately.
+
+Private runs: SPU in-process, ABY3, tiny model; tolerance as in test_private.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mpcformer_jax.models import BertConfig, fold, forward, init_params, save_pretrained
+from mpcformer_jax.models.public_table import lookup, mark_public, word_table
+from mpcformer_jax.private import run
+from mpcformer_jax.private.model import (
+    client_table,
+    encode_client_inputs,
+    prepare,
+    prepared_param_shapes,
+)
+
+TOL = 0.05
+STUDENT = BertConfig.tiny(hidden_act="quad", softmax_act="2quad", vocab_size=100)
+
+
+def _batch(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(0, vocab, (2, 8))
+    mask = np.ones((2, 8), np.int32)
+    mask[1, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def public_student(tmp_path_factory):
+    """(config, params, source folder): a student whose word table is a saved checkpoint's,
+    unchanged (as after training with frozen word embeddings)."""
+    source_params = init_params(STUDENT, 3)
+    source = save_pretrained(tmp_path_factory.mktemp("public") / "source", STUDENT,
+                             source_params)
+    table = word_table(source_params)
+    params = jax.tree_util.tree_map(np.asarray, init_params(STUDENT, 0))
+    params["bert"]["embeddings"]["word_embeddings"]["embedding"] = table
+    config = mark_public(STUDENT, params, str(source), table)
+    return config, params, source
+
+
+# ------------------------------------------------------------------ plaintext identities
+
+
+@pytest.mark.parametrize("approximation", ["quad+2quad", "exact"])
+def test_fold_changes_nothing(approximation):
+    config = BertConfig.tiny().with_approximation(approximation)
+    params = init_params(config, 1)
+    batch = _batch(config.vocab_size)
+    folded_config, folded = fold(config, params)
+    assert folded_config.folded and not config.folded
+    np.testing.assert_allclose(forward(folded_config, folded, *batch.values()),
+                               forward(config, params, *batch.values()), atol=1e-5)
+    assert fold(folded_config, folded)[1] is folded  # folding twice is a no-op
+
+
+def test_fused_qkv_changes_nothing():
+    config = STUDENT
+    assert config.fuse_qkv
+    params = init_params(config, 2)
+    batch = _batch(config.vocab_size)
+    np.testing.assert_allclose(forward(config, params, *batch.values()),
+                               forward(config.replace(fuse_qkv=False), params, *batch.values()),
+                               atol=1e-6)
+
+
+def test_prepared_public_model_is_the_same_function(public_student):
+    config, params, _ = public_student
+    prepared, shared = prepare(config, params)
+    assert "word_embeddings" not in shared["bert"]["embeddings"]
+    batch = _batch(config.vocab_size)
+    vectors, mask = encode_client_inputs(prepared, *batch.values(), table=word_table(params))
+    np.testing.assert_allclose(forward(prepared, shared, None, mask, word_vectors=vectors),
+                               forward(config, params, *batch.values()), atol=1e-5)
+    np.testing.assert_allclose(vectors, lookup(word_table(params), batch["input_ids"]))
+
+
+# ------------------------------------------------------------------ the public table, private
+
+
+def test_public_table_private_matches_plaintext_and_uploads_less(public_student):
+    config, params, _ = public_student
+    batch = _batch(config.vocab_size)
+    public = run((config, params), batch, protocol="ABY3")  # loads the table from the source
+    assert public.max_abs_diff < TOL and public.label_agreement == 1.0
+    private_table = config.replace(public_table_source="", public_table_sha256="")
+    one_hot = run((private_table, params), batch, protocol="ABY3", compare=False)
+    np.testing.assert_allclose(public.logits, one_hot.logits, atol=TOL)
+    # The client shares (L, hidden) vectors instead of (L, vocab) rows; the owner no table.
+    assert 0 < public.report.input_bytes["client"] < one_hot.report.input_bytes["client"]
+    assert public.report.input_bytes["owner"] < one_hot.report.input_bytes["owner"]
+
+
+def test_wrong_public_table_is_refused_before_sharing(public_student, monkeypatch):
+    import mpcformer_jax.private.simulate as simulate
+
+    def shared(*_args, **_kwargs):
+        raise AssertionError("inputs were shared despite a wrong table")
+
+    monkeypatch.setattr(simulate, "run_threads", shared)
+    config, params, _ = public_student
+    batch = _batch(config.vocab_size)
+    other = np.asarray(init_params(STUDENT, 9)["bert"]["embeddings"]["word_embeddings"]
+                       ["embedding"])
+    with pytest.raises(ValueError, match="SHA-256"):
+        run((config, params), batch, protocol="ABY3", table=other)
+    # The checkpoint on this machine is not the one the model names.
+    wrong = config.replace(public_table_sha256="0" * 64)
+    with pytest.raises(ValueError, match="install the checkpoint"):
+        run((wrong, params), batch, protocol="ABY3")
+    with pytest.raises(ValueError, match="pass the table"):
+        encode_client_inputs(config, batch["input_ids"])
+
+
+def test_card_carries_the_prepared_config(public_student, tmp_path):
+    from mpcformer_jax.models import load_pretrained
+    from mpcformer_jax.private.card import PRIVATE_CONFIG, export_card, load_card
+
+    config, params, _ = public_student
+    folder = save_pretrained(tmp_path / "student", config, params)
+    owner_config, shared = prepare(*load_pretrained(folder)[:2])
+    for card in (export_card(folder, tmp_path / "card", owner_config),  # as the service does
+                 export_card(folder, tmp_path / "card2")):  # as `spu_run card` does
+        card_config = load_card(card)[0]
+        assert card_config == owner_config and card_config.folded
+        shown = json.loads((card / PRIVATE_CONFIG).read_text())["public_table"]
+        assert shown == {"source": config.public_table_source,
+                         "sha256": config.public_table_sha256}
+        # What Client.verify compiles from: the shapes of exactly what the owner shares.
+        shapes = prepared_param_shapes(card_config)
+        assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(shared)
+        assert [s.shape for s in jax.tree_util.tree_leaves(shapes)] == \
+            [np.shape(x) for x in jax.tree_util.tree_leaves(shared)]
+    assert client_table(card_config) is not None  # the client finds and checks the table
+
+
+# ------------------------------------------------------------------ newer variants, private
+
+
+@pytest.mark.parametrize("approximation", ["quad+2quad+affine",
+                                           "quad+2quad_newton+layernorm_newton",
+                                           "quad+2quad_newton"])
+def test_variant_private_matches_plaintext(approximation):
+    # Random weights at the default init (0.02) keep attention scores and residuals small,
+    # inside the newton variants' default bounds.
+    config = BertConfig.tiny(vocab_size=100).with_approximation(approximation)
+    params = init_params(config, 0)
+    result = run((config, params), _batch(config.vocab_size), protocol="ABY3")
+    assert np.all(np.isfinite(result.plaintext_logits))
+    assert result.max_abs_diff < TOL and result.label_agreement == 1.0
+
+
+def test_measure_records_the_public_table_upload():
+    from mpcformer_jax.bench.measure import measure
+    from mpcformer_jax.bench.variants import Shape, Variant
+
+    shape, variant = Shape("tiny-8", 8, 1, small=True), Variant.of("quad+2quad")
+    public = measure(variant, shape, "ABY3", 1, public_table=True)
+    one_hot = measure(variant, shape, "ABY3", 1)
+    assert public["public_table"] and not one_hot["public_table"]
+    assert public["max_abs_diff"] < TOL
+    # One sequence of 8 tokens: 8 x hidden values instead of 8 x vocab (vocab 128, hidden 32).
+    assert 0 < public["client_bytes"] < one_hot["client_bytes"]
