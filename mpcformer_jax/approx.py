@@ -87,26 +87,31 @@ _PUMA_F1 = (0.008526321541038084, 0.5, 0.3603292692789629, 0.0, -0.0376882003659
 
 
 def puma(x: Array) -> Array:
-    """PUMA's piecewise-polynomial GeLU (Dong et al., 2023).
+    """PUMA's piecewise-polynomial GeLU (Dong et al., 2023), as PUMA's code computes it.
 
     0 for x < -4; F0 (cubic) on [-4, -1.95); F1 (degree 6, even powers plus 0.5 x) on
     [-1.95, 3]; x for x > 3. Within 2.1e-2 of exact GeLU everywhere (tested; the largest gap is
-    at the jump x = 3), so it can
-    replace GeLU without retraining. Costs three comparisons and five multiplications.
+    at the jump x = 3), so it can replace GeLU without retraining. Costs three comparisons and
+    five multiplications. Source: ``hack_gelu`` in secretflow/spu
+    examples/python/ml/flax_gpt2/pumabench.py (also ``gelu_poly`` in
+    examples/python/ml/experimental_mp/hack_functions.py): the segment selectors are XORs of
+    the comparisons (b1 ^ b2 ^ True, b0 ^ b1), local on boolean shares, where an OR would cost
+    an AND (ABY3, BERT-base, seq 128: 345.0 MiB and 163 messages per layer, against 346.1 MiB
+    and 166 with OR/NOT; results/puma_anchor.md).
     """
+    b0 = x < -4.0
+    b1 = x < -1.95
+    b2 = x > 3.0
+    in_f1 = b1 ^ b2 ^ True  # [-1.95, 3]: b1 and b2 never hold together
+    in_f0 = b0 ^ b1  # [-4, -1.95)
     x2 = jnp.square(x)
     x3 = x * x2
     x4 = jnp.square(x2)
     x6 = jnp.square(x3)
-    f0 = _PUMA_F0[0] + _PUMA_F0[1] * x + _PUMA_F0[2] * x2 + _PUMA_F0[3] * x3
-    f1 = _PUMA_F1[0] + _PUMA_F1[1] * x + _PUMA_F1[2] * x2 + _PUMA_F1[4] * x4 + _PUMA_F1[6] * x6
-    below_m4 = x < -4.0
-    below_m195 = x < -1.95
-    above_3 = x > 3.0
-    in_f0 = jnp.logical_xor(below_m4, below_m195)
-    in_f1 = jnp.logical_not(jnp.logical_or(below_m195, above_3))
+    f0 = _PUMA_F0[3] * x3 + _PUMA_F0[2] * x2 + _PUMA_F0[1] * x + _PUMA_F0[0]
+    f1 = _PUMA_F1[6] * x6 + _PUMA_F1[4] * x4 + _PUMA_F1[2] * x2 + _PUMA_F1[1] * x + _PUMA_F1[0]
     dt = x.dtype
-    return above_3.astype(dt) * x + in_f0.astype(dt) * f0 + in_f1.astype(dt) * f1
+    return b2.astype(dt) * x + in_f0.astype(dt) * f0 + in_f1.astype(dt) * f1
 
 
 # ---------------------------------------------------------------- softmax family
@@ -193,21 +198,55 @@ def two_relu(scores: Array, mask: Array, eps: float = 1e-6, *, values: Array | N
     return _finish(jax.nn.relu(scores), mask, values, eps=eps)
 
 
-# PUMA's exp is a Taylor series accurate on [-14, 0]; below -14, exp(x) < 1e-6 is dropped.
+# PUMA runs SPU with fxp_exp_mode 0 (EXP_DEFAULT, i.e. Taylor) and fxp_exp_iters 5
+# (secretflow/spu examples/python/ml/flax_llama7b/3pc.json, experimental_mp/3pc_nExp.json),
+# where this project's configs use 8. SPU's Taylor exp (libspu/kernel/hal/fxp_approx.cc,
+# exp_taylor) is (1 + x / 2^n)^(2^n): one truncation, then n squarings. With n = 5 it is only
+# valid down to x = -32 (it returns to 1 at -64 and explodes below), hence PUMA's cut at -14,
+# where exp(x) < 1e-6 is dropped.
+PUMA_EXP_ITERS = 5
 _PUMA_EXP_FLOOR = -14.0
 
 
-def puma_softmax(scores: Array, mask: Array, *, values: Array | None = None):
-    """PUMA's softmax (Dong et al., 2023, Sec. 4.2): max-subtracted exp, entries below -14 dropped.
+def puma_exp(x: Array, iters: int = PUMA_EXP_ITERS) -> Array:
+    """SPU's Taylor exp at PUMA's setting, (1 + x / 2^iters)^(2^iters), written out.
 
-    exp(x) for x = s - max in [-14, 0], 0 below; within 1e-6 of exact softmax per entry. The
-    cut lets SPU's Taylor exp stay on the interval where it is accurate. ``values``: see
-    ``_finish``.
+    Computes under any runtime config what SPU's ``jnp.exp`` computes under PUMA's
+    (``fxp_exp_iters`` 5): the same truncation and squarings, the same bytes (measured equal,
+    results/puma_anchor.md). Within 8.6e-3 of exp on [-14, 0] (worst near x = -2); valid for
+    x >= -32 only.
     """
-    row_max = jnp.max(scores - (1.0 - mask) * _MASK_FLOOR, axis=-1, keepdims=True)
-    shifted = (scores - jax.lax.stop_gradient(row_max)) * mask
-    kept = (shifted >= _PUMA_EXP_FLOOR).astype(scores.dtype)
-    return _finish(jnp.exp(shifted) * kept, mask, values)
+    y = 1.0 + x * (1.0 / 2 ** iters)
+    for _ in range(iters):
+        y = jnp.square(y)
+    return y
+
+
+def puma_softmax(scores: Array, mask: Array, *, values: Array | None = None):
+    """PUMA's softmax (Dong et al., 2023, Sec. 4.2), as PUMA's code and runtime compute it.
+
+    x = s - (1 - mask) 1e4 - max; w = puma_exp(x) * (x > -14); w / row sum. Source:
+    ``hack_softmax`` in secretflow/spu examples/python/ml/flax_llama7b/flax_llama7b.py and
+    flax_gpt2/pumabench.py
+    (max subtraction, the cut ``x > -14``, ``nexp / divisor`` with the compiler option
+    ``enable_optimize_denominator_with_broadcast``, i.e. one reciprocal per row), with exp at
+    PUMA's 5 Taylor iterations (``puma_exp``). The mask is additive, as in HF BERT: a masked key
+    lands near -1e4 after the max subtraction and the cut drops it, so no product with the
+    mask is needed. Valid while scores stay far below 1e4 in magnitude (and, in floating point,
+    within about 500 of the row max, where puma_exp overflows float32). Probabilities within
+    2e-2 of exact softmax (tested; 1.5e-2 on scores of scale 5).
+    ``values``: as ``_finish`` (the weights are already 0 at masked keys, so the values are
+    not masked and the row sums are plain sums).
+    """
+    shift = (1.0 - mask) * _MASK_FLOOR  # a product with a public constant: local under MPC
+    x = scores - jax.lax.stop_gradient(jnp.max(scores - shift, axis=-1, keepdims=True))
+    kept = (x - shift > _PUMA_EXP_FLOOR).astype(scores.dtype)
+    # exp reads x without the mask shift: the same output (masked keys are cut), but a float
+    # puma_exp of -1e4 would overflow to inf and inf * 0 is NaN.
+    weights = puma_exp(x) * kept
+    if values is None:
+        return _normalise(weights)
+    return weights, values, jnp.reciprocal(jnp.sum(weights, axis=-1, keepdims=True))
 
 
 # Newton's iteration from a calibrated start: no bit decomposition. SPU's own reciprocal and

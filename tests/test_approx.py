@@ -73,7 +73,22 @@ def test_softmax_ignores_huge_masked_scores():
 def test_puma_softmax_close_to_exact():
     scores, mask = _scores_and_mask(scale=5.0)
     np.testing.assert_allclose(approx.puma_softmax(scores, mask),
-                               _reference_softmax(scores, mask), atol=1e-5)
+                               _reference_softmax(scores, mask), atol=2e-2)
+
+
+def test_puma_softmax_formula():
+    # PUMA's hack_softmax with exp at SPU's Taylor series, fxp_exp_iters = 5.
+    scores, mask = _scores_and_mask(scale=5.0)
+    x = np.where(np.asarray(mask) > 0, np.asarray(scores, np.float64), -1e4)
+    x = x - x.max(-1, keepdims=True)
+    w = (1 + x / 32) ** 32 * (x > -14)
+    np.testing.assert_allclose(approx.puma_softmax(scores, mask), w / w.sum(-1, keepdims=True),
+                               atol=1e-5)
+
+
+def test_puma_exp_error_on_its_range():
+    x = jnp.linspace(-14.0, 0.0, 14001)
+    assert float(jnp.max(jnp.abs(approx.puma_exp(x) - jnp.exp(x)))) <= 8.6e-3
 
 
 def test_two_quad_formula():
