@@ -166,7 +166,7 @@ def test_measure_records_the_public_table_upload():
     shape, variant = Shape("tiny-8", 8, 1, small=True), Variant.of("quad+2quad")
     public = measure(variant, shape, "ABY3", 1, public_table=True)
     one_hot = measure(variant, shape, "ABY3", 1)
-    assert public["public_table"] and not one_hot["public_table"]
-    assert public["max_abs_diff"] < TOL
+    assert public.public_table and not one_hot.public_table
+    assert public.max_abs_diff < TOL
     # One sequence of 8 tokens: 8 x hidden values instead of 8 x vocab (vocab 128, hidden 32).
-    assert 0 < public["client_bytes"] < one_hot["client_bytes"]
+    assert 0 < public.client_bytes < one_hot.client_bytes

@@ -33,7 +33,7 @@ def prepare(config: BertConfig, params) -> tuple[BertConfig, dict]:
     Run by the owner, in plaintext, before anything is shared; idempotent.
     """
     config, params = fold(config, params)
-    config = config.replace(block_diagonal_heads=True)
+    config = prepared_config(config)
     if config.public_table_source and "word_embeddings" in params["bert"]["embeddings"]:
         params = without_word_table(params)
     return config, params
@@ -42,7 +42,7 @@ def prepare(config: BertConfig, params) -> tuple[BertConfig, dict]:
 def prepared_config(config: BertConfig) -> BertConfig:
     """The config ``prepare`` returns, from the config alone (no weights needed): what the
     public card carries, so a client compiles the program the nodes run."""
-    return config.replace(folded=True)
+    return config.replace(folded=True, block_diagonal_heads=True)
 
 
 def prepared_param_shapes(config: BertConfig) -> dict:
