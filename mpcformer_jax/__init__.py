@@ -15,13 +15,17 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Approximation": "approx",
     "GELU_APPROX": "approx",
+    "NORM_APPROX": "approx",
     "SOFTMAX_APPROX": "approx",
     "get_activation": "approx",
+    "get_norm": "approx",
     "get_normaliser": "approx",
     "BertConfig": "models",
     "BertForSequenceClassification": "models",
     "CheckpointError": "models",
+    "fold": "models",
     "forward": "models",
     "init_params": "models",
     "load_pretrained": "models",

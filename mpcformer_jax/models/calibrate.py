@@ -4,7 +4,8 @@ Run once, when a student is made from its teacher (``pipeline.make_student``), o
 training batches, on the student's own activations (see ``calibrate``):
 
 * ``affine`` norm: each site's scale and bias become the per-channel least-squares fit of
-  the exact LayerNorm's output on its input there (then distillation takes over);
+  the exact LayerNorm's output on the input the site receives once the sites before it are
+  affine (``_fit_affine_in_order``); then distillation takes over;
 * ``layernorm_newton``: each site's bound is the largest token variance seen there (padding
   positions included: they are computed too), times ``MARGIN`` (the Newton start must lie
   below the answer: ``approx.newton_rsqrt``);
@@ -84,6 +85,76 @@ def _statistics(config: BertConfig, params, batches: list[dict]) -> dict[str, An
     return {"sites": sites, "row_max": row_max}
 
 
+def _fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel least squares y ~ slope * x + intercept over rows (tokens)."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    mx, my = x.mean(0), y.mean(0)
+    var_x = np.maximum(((x - mx) ** 2).mean(0), 1e-12)
+    slope = ((x - mx) * (y - my)).mean(0) / var_x
+    return slope.astype(np.float32), (my - slope * mx).astype(np.float32)
+
+
+def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict]
+                         ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel affine fits of every LayerNorm site, one site after the other.
+
+    Site k is fitted on the inputs it receives when sites 0..k-1 are already the fitted
+    affine maps, against the exact LayerNorm's outputs of the unchanged network (``probe``,
+    exact LayerNorms) on the same tokens. Fitting every site on the exact network's own
+    inputs instead (first version) let the errors compound: on rt the hidden states of a
+    quad student grew from 12 to 3e4 over six layers, and its KD student reached 0.685 dev
+    accuracy against its teacher's 0.755.
+    """
+    model = BertForSequenceClassification(probe)
+    is_norm = lambda ctx: isinstance(ctx.module, nn.LayerNorm) and ctx.method_name == "__call__"  # noqa: E731
+
+    @jax.jit
+    def reference(params, ids, mask):
+        outs = []
+
+        def grab(next_fun, args, kwargs, ctx):
+            out = next_fun(*args, **kwargs)
+            if is_norm(ctx):
+                outs.append(out)
+            return out
+
+        with nn.intercept_methods(grab):
+            model.apply({"params": params}, ids, mask)
+        return outs
+
+    def inputs_at(site: int):
+        @jax.jit
+        def run(params, fitted, ids, mask):
+            calls = []
+
+            def swap(next_fun, args, kwargs, ctx):
+                if not is_norm(ctx):
+                    return next_fun(*args, **kwargs)
+                i = len(calls)
+                calls.append(args[0])
+                if i < site:
+                    slope, intercept = fitted[i]
+                    return args[0] * slope + intercept
+                return next_fun(*args, **kwargs)
+
+            with nn.intercept_methods(swap):
+                model.apply({"params": params}, ids, mask)
+            return calls[site]
+
+        return run
+
+    masks = [np.asarray(b["attention_mask"]).astype(bool) for b in batches]
+    targets = [[np.asarray(y)[m] for y in reference(params, b["input_ids"], b["attention_mask"])]
+               for b, m in zip(batches, masks, strict=True)]
+    fitted: list[tuple[np.ndarray, np.ndarray]] = []
+    for site in range(len(targets[0])):
+        run = inputs_at(site)
+        xs = [np.asarray(run(params, fitted, b["input_ids"], b["attention_mask"]))[m]
+              for b, m in zip(batches, masks, strict=True)]
+        fitted.append(_fit(np.concatenate(xs), np.concatenate([t[site] for t in targets])))
+    return fitted
+
+
 def calibrate(student: BertConfig, params, batches: Iterable[dict]) -> tuple[BertConfig, Any]:
     """``(config, params)`` of a student, calibrated over ``batches``; a student that needs no
     calibration is returned unchanged.
@@ -108,13 +179,8 @@ def calibrate(student: BertConfig, params, batches: Iterable[dict]) -> tuple[Ber
     if student.norm_act == "layernorm_newton":
         student = student.replace(norm_bounds=tuple(MARGIN * s["var"] for s in sites))
     if student.norm_act == "affine":
-        for site, acc in enumerate(sites):
-            n = acc["n"]
-            mx, my = acc["x"] / n, acc["y"] / n
-            var_x = np.maximum(acc["xx"] / n - mx * mx, 1e-12)
-            slope = (acc["xy"] / n - mx * my) / var_x
-            _set_norm(params, site, slope.astype(np.float32),
-                      (my - slope * mx).astype(np.float32))
+        for site, (slope, intercept) in enumerate(_fit_affine_in_order(probe, params, batches)):
+            _set_norm(params, site, slope, intercept)
     if student.softmax_act == "2quad_newton":
         # Row sums with the norms as calibrated above (an affine student's scores are not
         # those of the same network with LayerNorms).
