@@ -26,7 +26,8 @@ class Variant:
 # nonlinearities' places (LayerNorm kept), the cost no approximation can go below.
 VARIANTS: tuple[Variant, ...] = tuple(Variant.of(t) for t in (
     "exact", "quad+2quad", "quad+2relu", "gelu+2quad", "quad+softmax", "puma+puma",
-    "quad+2quad_newton", "quad+2quad_newton+layernorm_newton", "quad+2quad_newton+affine",
+    "quad+2quad_newton", "quad+2quad_newton+layernorm_newton", "quad+2quad+affine",
+    "quad+2quad_newton+affine",
     "floor"))
 EXACT, FLOOR = "exact", "floor"
 
