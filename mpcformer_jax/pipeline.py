@@ -16,6 +16,7 @@ and a run refuses to continue a folder written by a different config.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
@@ -215,8 +216,9 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
                                    cfg.layerwise_weights)
     prediction = PredictionObjective(teacher_config, teacher.params, cfg.temperature)
     exports = {}
-    calibration_data = [b for _, b in zip(range(CALIBRATION_BATCHES), batches(
-        data["train"], CALIBRATION_BATCH_SIZE, ctx.buckets, shuffle=True, seed=cfg.seed))]
+    calibration_data = list(itertools.islice(batches(
+        data["train"], CALIBRATION_BATCH_SIZE, ctx.buckets, shuffle=True, seed=cfg.seed),
+        CALIBRATION_BATCHES))
     for name in cfg.approximations:
         pair = Approximation.parse(name).name
         where = out if len(cfg.approximations) == 1 else out / pair

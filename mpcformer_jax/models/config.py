@@ -33,8 +33,8 @@ class BertConfig:
         embedding's and two per layer; "layernorm" is BERT's own).
       norm_bounds: calibration constants of a calibrated norm (``approx.CALIBRATED``), one
         per normalisation site in forward order (embedding, then attention and FFN output of
-        each layer); empty means the entry's default everywhere. Public, like the architecture: they are
-        constants of the compiled program (``models.calibrate`` sets them).
+        each layer); empty means the entry's default everywhere. Public, like the
+        architecture: they are constants of the compiled program (``models.calibrate``).
       softmax_bounds: the same for a calibrated attention normaliser, one per layer.
       fuse_qkv: compute Q, K and V as one matmul (the parameters stay three Dense layers);
         False only to check that fusing changes nothing.
