@@ -4,6 +4,7 @@ Command (no arguments means this config):
     python -m experiments.distill                   # same as --config default
     python -m experiments.distill --config default:smoke   # ~2 min pipeline check
     python -m experiments.distill --config default:pairs   # all four approximation pairs
+    python -m experiments.distill --config default:norms   # quad+2quad beside the LayerNorm replacements
 
 Subsampled so it finishes on a laptop-class CPU: 1,600 of rt's 10,643 training snippets,
 400 dev snippets (checkpoint selection) and the full 965-snippet test split; max_length 64
@@ -32,6 +33,8 @@ import dataclasses
 from experiments.configs.common import (
     LAYERWISE_WEIGHTS,
     MPCFORMER_APPROXIMATIONS,
+    NORM_REPLACEMENTS,
+    PUBLIC_WORD_EMBEDDINGS,
     STAGE1_LR,
     smoke,
 )
@@ -39,8 +42,9 @@ from mpcformer_jax.train.config import DistillConfig, StageConfig
 
 
 def get_config(variant: str = "") -> DistillConfig:
-    """The default config; ``variant="smoke"`` gives the ~2-minute pipeline check and
-    ``variant="pairs"`` the same run with all four approximation pairs (about 4x longer)."""
+    """The default config; ``variant="smoke"`` gives the ~2-minute pipeline check,
+    ``variant="pairs"`` the same run with all four approximation pairs (about 4x longer) and
+    ``variant="norms"`` quad+2quad beside the LayerNorm replacements (issue 10, ~30 min)."""
     cfg = DistillConfig(
         name="default", task="rt", max_train=1600, max_dev=400, max_test=0,
         model="minilm-l6", max_length=64, buckets=(32, 64),
@@ -49,14 +53,19 @@ def get_config(variant: str = "") -> DistillConfig:
         stage1=StageConfig(epochs=4, batch_size=32, learning_rate=STAGE1_LR),
         stage2=StageConfig(epochs=1, batch_size=32, learning_rate=1e-4),
         baseline=StageConfig(epochs=5, batch_size=32, learning_rate=1e-4),
-        out_dir="runs/default")
+        public_word_embeddings=PUBLIC_WORD_EMBEDDINGS, out_dir="runs/default")
     if variant == "smoke":
         return smoke(cfg)
     if variant == "pairs":
         return dataclasses.replace(cfg, name="default (all pairs)",
                                    approximations=MPCFORMER_APPROXIMATIONS,
                                    out_dir="runs/default_pairs")
+    if variant == "norms":
+        # Issue 10: MPCFormer's pair beside two LayerNorm replacements, no baselines.
+        return dataclasses.replace(cfg, name="default (norm replacements)",
+                                   approximations=NORM_REPLACEMENTS, run_baseline=False,
+                                   out_dir="runs/default_norms")
     if variant:
         raise ValueError(f"Unknown variant {variant!r} of config 'default'; available: smoke, "
-                         "pairs.")
+                         "pairs, norms.")
     return cfg
