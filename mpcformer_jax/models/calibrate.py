@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mpcformer_jax import approx
 from mpcformer_jax.models.bert import BertForSequenceClassification
 from mpcformer_jax.models.config import BertConfig
 
@@ -38,8 +39,10 @@ _TWO_QUAD_C = 5.0  # approx.two_quad_newton's c
 
 
 def needs_calibration(config: BertConfig) -> bool:
-    return config.norm_act in ("affine", "layernorm_newton") or \
-        config.softmax_act == "2quad_newton"
+    """Whether making this student reads training data: a calibrated bound
+    (``approx.CALIBRATED``) or an affine norm's least-squares start."""
+    return config.norm_act == "affine" or \
+        bool({config.norm_act, config.softmax_act} & approx.CALIBRATED)
 
 
 def _statistics(config: BertConfig, params, batches: list[dict]) -> dict[str, Any]:
