@@ -158,8 +158,9 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
       fresh: delete ``cfg.out_dir`` first instead of resuming it.
 
     Returns:
-      A JSON-ready dict: ``rows`` (one per model: name, approx, dev and test metrics, ratio to
-      the teacher's test score), ``exports`` (pair -> exported student folder), ``seconds``.
+      A JSON-ready dict: ``rows`` (one per model: name, approximation, dev and test metrics,
+      ratio to the teacher's test score), ``exports`` (approximation -> exported student
+      folder), ``seconds``.
       Also written to ``out_dir/results.json`` and, as a table, ``out_dir/results.md``.
     """
     start = time.time()
@@ -207,7 +208,7 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
 
     teacher = stage("teacher", TaskObjective(), cfg.teacher, teacher_config, params,
                     out / "ckpt" / "teacher")
-    rows = [{"model": "teacher", "approx": EXACT.name, "dev": teacher.dev.get("main"),
+    rows = [{"model": "teacher", "approximation": EXACT.name, "dev": teacher.dev.get("main"),
              "test": test_score(teacher_config, teacher.params, "teacher test")}]
     export(out / "teacher", teacher_config, teacher.params)
     teacher_main = rows[0]["test"]["main"]
@@ -219,25 +220,26 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     calibration_data = list(itertools.islice(batches(
         data["train"], CALIBRATION_BATCH_SIZE, ctx.buckets, shuffle=True, seed=cfg.seed),
         CALIBRATION_BATCHES))
-    for name in cfg.approximations:
-        pair = Approximation.parse(name).name
-        where = out if len(cfg.approximations) == 1 else out / pair
-        ckpt = out / "ckpt" / pair
-        student_config, student_params = make_student(teacher_config, teacher.params, pair,
+    for spelling in cfg.approximations:
+        choice = Approximation.parse(spelling).name
+        where = out if len(cfg.approximations) == 1 else out / choice
+        ckpt = out / "ckpt" / choice
+        student_config, student_params = make_student(teacher_config, teacher.params, choice,
                                                       plan.layer_map, calibration_data)
-        s1 = stage(f"{pair} stage1", layerwise, cfg.stage1, student_config, student_params,
+        s1 = stage(f"{choice} stage1", layerwise, cfg.stage1, student_config, student_params,
                    ckpt / "stage1")
-        s2 = stage(f"{pair} stage2", prediction, cfg.stage2, student_config, s1.params,
+        s2 = stage(f"{choice} stage2", prediction, cfg.stage2, student_config, s1.params,
                    ckpt / "stage2")
-        rows.append({"model": "student (KD)", "approx": pair, "dev": s2.dev.get("main"),
-                     "test": test_score(student_config, s2.params, f"{pair} student test")})
-        exports[pair] = str(export(where / "student", student_config, s2.params))
+        rows.append({"model": "student (KD)", "approximation": choice, "dev": s2.dev.get("main"),
+                     "test": test_score(student_config, s2.params, f"{choice} student test")})
+        exports[choice] = str(export(where / "student", student_config, s2.params))
         if cfg.run_baseline:
-            base = stage(f"{pair} baseline", TaskObjective(), cfg.baseline, student_config,
+            base = stage(f"{choice} baseline", TaskObjective(), cfg.baseline, student_config,
                          student_params, ckpt / "baseline")
-            rows.append({"model": "baseline (no KD)", "approx": pair,
+            rows.append({"model": "baseline (no KD)", "approximation": choice,
                          "dev": base.dev.get("main"),
-                         "test": test_score(student_config, base.params, f"{pair} baseline test")})
+                         "test": test_score(student_config, base.params,
+                                            f"{choice} baseline test")})
     for row in rows:
         row["vs_teacher"] = row["test"]["main"] / teacher_main if teacher_main else None
     results = {"name": cfg.name, "task": cfg.task, "sizes": {k: len(v) for k, v in data.items()},
@@ -253,12 +255,13 @@ def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table: one row per model, test metrics and % of the teacher."""
     rows = results["rows"]
     names = [k for k in rows[0]["test"] if k != "main"]
-    head = ["model", "approx", "dev main", *[f"test {n}" for n in names], "% of teacher"]
+    head = ["model", "approximation", "dev main", *[f"test {n}" for n in names], "% of teacher"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         dev = "-" if r["dev"] is None else f"{r['dev']:.4f}"
         ratio = "-" if r["vs_teacher"] is None else f"{100 * r['vs_teacher']:.1f}%"
-        cells = [r["model"], r["approx"], dev, *[f"{r['test'][n]:.4f}" for n in names], ratio]
+        cells = [r["model"], r["approximation"], dev,
+                 *[f"{r['test'][n]:.4f}" for n in names], ratio]
         lines.append("| " + " | ".join(cells) + " |")
     sizes = results["sizes"]
     lines.append(f"\n{results['task']}: train {sizes['train']}, dev {sizes['dev']}, test "

@@ -71,7 +71,7 @@ def _check_float(name: str, value: float, rule: str, ok) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """The whole pipeline: teacher fine-tune, then per approximation pair stage 1, stage 2 and
+    """The whole pipeline: teacher fine-tune, then per approximation stage 1, stage 2 and
     the no-distillation baseline, then test evaluation and export.
 
     Attributes:
@@ -136,7 +136,8 @@ class DistillConfig:
             if approx.Approximation.parse(name) == approx.EXACT:
                 raise ValueError(f"approximations: {name!r} is the teacher itself; name "
                                  "replacements, e.g. 'quad+2quad'.")
-        if len(set(self.approximations)) != len(self.approximations):
+        if len({approx.Approximation.parse(a) for a in self.approximations}) != \
+                len(self.approximations):
             raise ValueError(f"approximations has duplicates: {self.approximations}.")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
