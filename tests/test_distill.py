@@ -182,9 +182,10 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     stage = StageConfig(epochs=1, batch_size=16, max_steps=3, learning_rate=1e-3)
     cfg = DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint), max_train=64,
                         max_dev=32, max_test=32, max_length=32, buckets=(32,),
-                        student_layers=1, approximations=("quad+2quad", "quad+2relu"),
+                        student_layers=1, approximations=("quad+2quad", "quad+2quad+affine"),
                         teacher=stage, stage1=stage, stage2=stage, baseline=stage,
-                        eval_batch_size=16, out_dir=str(tmp_path / "run"))
+                        public_word_embeddings=True, eval_batch_size=16,
+                        out_dir=str(tmp_path / "run"))
     results = run_pipeline(cfg)
     assert [r["model"] for r in results["rows"]] == ["teacher"] + \
         ["student (KD)", "baseline (no KD)"] * 2
@@ -194,6 +195,14 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     assert (config.hidden_act, config.softmax_act, config.num_hidden_layers) == \
         ("quad", "2quad", 1)
     assert config.label_names == ("rotten", "fresh")
+    # The frozen table is the checkpoint's, bit for bit, and the export says where it is from.
+    from mpcformer_jax.models.public_table import load_public_table, word_table
+
+    _, exported, _ = load_pretrained(student)
+    np.testing.assert_array_equal(word_table(exported), load_public_table(config))
+    assert config.public_table_source == str(tiny_checkpoint)
+    affine, _, _ = load_pretrained(results["exports"]["quad+2quad+affine"])
+    assert affine.norm_act == "affine" and affine.public_table_sha256 == config.public_table_sha256
     # A second run with the same config resumes: every stage is already done.
     again = run_pipeline(cfg)
     assert again["rows"] == results["rows"]
