@@ -61,8 +61,10 @@ class Shape:
 SHAPES = {
     "base-128": Shape("base-128", 128, 12),
     "base-512": Shape("base-512", 512, 12),
-    # CHEETAH on 2 cores and 23 GB: BERT-base at seq 32 was killed for memory (14 GB); a
-    # 4-layer, hidden-256 BERT with the real vocabulary, and the tiny model, fit.
+    # CHEETAH on 2 cores and 23 GB: with the one-hot lookup BERT-base at seq 32 was killed
+    # for memory (14 GB); with a public table BERT-base at seq 128 runs, all 12 layers, at a
+    # peak of 21.3 GB (one FFN matmul alone peaks at 17 GB; README, issue 10). A 4-layer,
+    # hidden-256 BERT with the real vocabulary, and the tiny model, fit either way.
     "base-32": Shape("base-32", 32, 12),
     "mini-32": Shape("mini-32", 32, 4, hidden=256),
     # The default student's shape (all-MiniLM-L6-v2: 6 layers, hidden 384, 12 heads) at the
