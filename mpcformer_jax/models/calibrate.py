@@ -23,6 +23,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mpcformer_jax import approx
@@ -109,53 +110,43 @@ def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict]
     accuracy against its teacher's 0.755.
     """
     model = BertForSequenceClassification(probe)
-    is_norm = lambda ctx: isinstance(ctx.module, nn.LayerNorm) and ctx.method_name == "__call__"  # noqa: E731
+    n_sites, width = 1 + 2 * probe.num_hidden_layers, probe.hidden_size
 
+    # One compiled function for every site (the site is a traced argument, the fits fixed-size
+    # arrays): every LayerNorm's input and exact output, the sites before ``site`` replaced
+    # by their affine fits.
     @jax.jit
-    def reference(params, ids, mask):
-        outs = []
+    def run(params, slopes, intercepts, site, ids, mask):
+        inputs, outputs = [], []
 
-        def grab(next_fun, args, kwargs, ctx):
-            out = next_fun(*args, **kwargs)
-            if is_norm(ctx):
-                outs.append(out)
-            return out
-
-        with nn.intercept_methods(grab):
-            model.apply({"params": params}, ids, mask)
-        return outs
-
-    def inputs_at(site: int):
-        @jax.jit
-        def run(params, fitted, ids, mask):
-            calls = []
-
-            def swap(next_fun, args, kwargs, ctx):
-                if not is_norm(ctx):
-                    return next_fun(*args, **kwargs)
-                i = len(calls)
-                calls.append(args[0])
-                if i < site:
-                    slope, intercept = fitted[i]
-                    return args[0] * slope + intercept
+        def swap(next_fun, args, kwargs, ctx):
+            if not (isinstance(ctx.module, nn.LayerNorm) and ctx.method_name == "__call__"):
                 return next_fun(*args, **kwargs)
+            i, x = len(inputs), args[0]
+            exact = next_fun(*args, **kwargs)
+            inputs.append(x)
+            outputs.append(exact)
+            return jnp.where(i < site, x * slopes[i] + intercepts[i], exact)
 
-            with nn.intercept_methods(swap):
-                model.apply({"params": params}, ids, mask)
-            return calls[site]
+        with nn.intercept_methods(swap):
+            model.apply({"params": params}, ids, mask)
+        return inputs, outputs
 
-        return run
-
+    slopes = np.ones((n_sites, width), np.float32)
+    intercepts = np.zeros((n_sites, width), np.float32)
     masks = [np.asarray(b["attention_mask"]).astype(bool) for b in batches]
-    targets = [[np.asarray(y)[m] for y in reference(params, b["input_ids"], b["attention_mask"])]
-               for b, m in zip(batches, masks, strict=True)]
-    fitted: list[tuple[np.ndarray, np.ndarray]] = []
-    for site in range(len(targets[0])):
-        run = inputs_at(site)
-        xs = [np.asarray(run(params, fitted, b["input_ids"], b["attention_mask"]))[m]
-              for b, m in zip(batches, masks, strict=True)]
-        fitted.append(_fit(np.concatenate(xs), np.concatenate([t[site] for t in targets])))
-    return fitted
+
+    def sites_of(site: int, which: int) -> list[list[np.ndarray]]:
+        return [[np.asarray(v)[m] for v in run(params, slopes, intercepts, site,
+                                               b["input_ids"], b["attention_mask"])[which]]
+                for b, m in zip(batches, masks, strict=True)]
+
+    targets = sites_of(0, which=1)  # the exact network's LayerNorm outputs
+    for site in range(n_sites):
+        xs = [per_batch[site] for per_batch in sites_of(site, which=0)]
+        slopes[site], intercepts[site] = _fit(np.concatenate(xs),
+                                              np.concatenate([t[site] for t in targets]))
+    return [(slopes[i].copy(), intercepts[i].copy()) for i in range(n_sites)]
 
 
 def calibrate(student: BertConfig, params, batches: Iterable[dict]) -> tuple[BertConfig, Any]:
