@@ -53,7 +53,10 @@ def main(argv=None) -> list[dict]:
             "public_table": args.public_table}
     out = Path(args.out)
     store = report.Store(out / f"{args.tag}_raw.json")
-    variants = get_variants(args.variants)
+    try:
+        variants = get_variants(args.variants)
+    except ValueError as err:  # a misspelt approximation: the valid names, no traceback
+        raise SystemExit(f"experiments.benchmark: {err}") from None
     for protocol in args.protocols:
         for shape in (SHAPES[s] for s in args.shapes):
             depths = [*shape.fit_layers, *([shape.layers] if args.full_depth else [])]

@@ -144,6 +144,11 @@ def test_store_rows_and_writers(tmp_path):
 def test_unknown_variant_lists_valid():
     with pytest.raises(ValueError, match="or be 'exact' or 'floor'. Activations: gelu"):
         get_variants(["nope"])
+    from experiments.benchmark import main
+
+    # The CLI says the same in one line, before any measurement.
+    with pytest.raises(SystemExit, match="Unknown softmax approximation 'bad'"):
+        main(["--variants", "quad+bad", "--report-only"])
 
 
 def test_small_run_two_variants(tmp_path):
