@@ -232,3 +232,20 @@ def test_approximation_vocabulary():
         approx.Approximation.parse("quad")
     with pytest.raises(ValueError, match="Unknown normalisation approximation 'batchnorm'"):
         approx.Approximation.parse("quad+2quad+batchnorm")
+
+
+def test_mixed_norm_names_one_spelling_and_clear_errors():
+    a = approx.Approximation.parse("quad+2quad+affine@5:2:2")
+    assert a.norm == "affine@2:5" and a.name == "quad+2quad+affine@2:5"
+    assert approx.Approximation.parse(a.name) == a
+    assert approx.split_norm("affine@2:5") == ("affine", (2, 5))
+    assert approx.split_norm("affine") == ("affine", ()) and approx.join_norm("affine") == "affine"
+    assert approx.get_norm("affine@2") is approx.affine_norm
+    with pytest.raises(ValueError, match="non-negative integers joined by ':'"):
+        approx.Approximation.parse("quad+2quad+affine@2,5")
+    with pytest.raises(ValueError, match="non-negative integers"):
+        approx.Approximation.parse("quad+2quad+affine@")
+    with pytest.raises(ValueError, match="exact LayerNorm has no sites"):
+        approx.Approximation.parse("quad+2quad+layernorm@2")
+    with pytest.raises(ValueError, match="Unknown normalisation approximation 'batchnorm'"):
+        approx.get_norm("batchnorm@1")

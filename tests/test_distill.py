@@ -182,7 +182,7 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     stage = StageConfig(epochs=1, batch_size=16, max_steps=3, learning_rate=1e-3)
     cfg = DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint), max_train=64,
                         max_dev=32, max_test=32, max_length=32, buckets=(32,),
-                        student_layers=1, approximations=("quad+2quad", "quad+2quad+affine"),
+                        student_layers=1, approximations=("quad+2quad", "quad+2quad+affine@1"),
                         teacher=stage, stage1=stage, stage2=stage, baseline=stage,
                         public_word_embeddings=True, eval_batch_size=16,
                         out_dir=str(tmp_path / "run"))
@@ -201,8 +201,8 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     _, exported, _ = load_pretrained(student)
     np.testing.assert_array_equal(word_table(exported), load_public_table(config))
     assert config.public_table_source == str(tiny_checkpoint)
-    affine, _, _ = load_pretrained(results["exports"]["quad+2quad+affine"])
-    assert affine.norm_act == "affine" and affine.public_table_sha256 == config.public_table_sha256
+    affine, _, _ = load_pretrained(results["exports"]["quad+2quad+affine@1"])
+    assert affine.norm_act == "affine@1" and affine.public_table_sha256 == config.public_table_sha256
     # A second run with the same config resumes: every stage is already done.
     again = run_pipeline(cfg)
     assert again["rows"] == results["rows"]
@@ -310,3 +310,17 @@ def test_calibrated_students_get_bounds_fits_and_finite_outputs():
                                np.asarray(ref["embeddings"])[mask].mean(0), atol=1e-4)
     assert not np.allclose(params["bert"]["embeddings"]["LayerNorm"]["scale"],
                            teacher["bert"]["embeddings"]["LayerNorm"]["scale"])
+
+    # affine with site 2 (layer 0's FFN output) kept exact: that site keeps its teacher's
+    # LayerNorm and its flax module; every other site is fitted.
+    cfg, params = make_student(teacher_cfg, teacher, "quad+2quad+affine@2", (0, 1), data)
+    assert cfg.norm_act == "affine@2" and [cfg.norm_at(i) for i in range(5)] == \
+        ["affine", "affine", "layernorm", "affine", "affine"]
+    layers, t_layers = params["bert"]["encoder"]["layer"], teacher["bert"]["encoder"]["layer"]
+    np.testing.assert_array_equal(layers["0"]["output"]["LayerNorm"]["scale"],
+                                  t_layers["0"]["output"]["LayerNorm"]["scale"])
+    assert not np.allclose(layers["1"]["output"]["LayerNorm"]["scale"],
+                           t_layers["1"]["output"]["LayerNorm"]["scale"])
+    for b in data:
+        assert np.all(np.isfinite(np.asarray(forward(cfg, params, b["input_ids"],
+                                                     b["attention_mask"]))))

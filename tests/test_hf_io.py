@@ -200,6 +200,13 @@ def test_round_trip_keeps_the_norm_slot_bounds_and_public_table(tmp_path):
         (tmp_path / "m" / "config.json").read_text()), "mpcformer": {}}).norm_act == "layernorm"
 
 
+def test_round_trip_keeps_a_mixed_norm(tmp_path):
+    config = BertConfig.tiny().with_approximation("quad+2quad+affine@4:0")
+    save_pretrained(tmp_path / "m", config, init_params(config, 0))
+    again = load_pretrained(tmp_path / "m")[0]
+    assert again == config and again.norm_act == "affine@0:4"
+
+
 def test_bad_bounds_and_half_a_public_table_are_refused():
     with pytest.raises(ValueError, match="norm_bounds must hold 5"):
         BertConfig.tiny(norm_bounds=(1.0, 2.0))
@@ -207,3 +214,5 @@ def test_bad_bounds_and_half_a_public_table_are_refused():
         BertConfig.tiny(softmax_bounds=(1.0, -2.0))
     with pytest.raises(ValueError, match="go together"):
         BertConfig.tiny(public_table_source="minilm-l6")
+    with pytest.raises(ValueError, match="has sites 0..4"):
+        BertConfig.tiny(norm_act="affine@5")

@@ -157,3 +157,15 @@ def test_block_diagonal_heads_give_the_same_forward(choice):
     for x, y in zip(ia["attention_scores"] + ia["hidden_states"],
                     ib["attention_scores"] + ib["hidden_states"], strict=True):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_mixed_norm_with_every_site_exact_is_layernorm():
+    # "affine" at no site at all: the same modules, parameters and logits as LayerNorm.
+    config = BertConfig.tiny(hidden_act="quad", softmax_act="2quad")
+    mixed = config.replace(norm_act="affine@0:1:2:3:4")
+    params = init_params(config, 0)
+    ids, mask = _padded_batch(config.vocab_size)
+    np.testing.assert_array_equal(np.asarray(forward(mixed, params, ids, mask)),
+                                  np.asarray(forward(config, params, ids, mask)))
+    partly = np.asarray(forward(config.replace(norm_act="affine@0:1:2:3"), params, ids, mask))
+    assert not np.allclose(partly, np.asarray(forward(config, params, ids, mask)))

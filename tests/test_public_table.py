@@ -146,7 +146,7 @@ def test_card_carries_the_prepared_config(public_student, tmp_path):
 # ------------------------------------------------------------------ newer variants, private
 
 
-@pytest.mark.parametrize("approximation", ["quad+2quad+affine",
+@pytest.mark.parametrize("approximation", ["quad+2quad+affine", "quad+2quad+affine@0:2",
                                            "quad+2quad_newton+layernorm_newton",
                                            "quad+2quad_newton"])
 def test_variant_private_matches_plaintext(approximation):

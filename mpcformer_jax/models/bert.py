@@ -46,16 +46,18 @@ class NormApprox(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
         bound = cfg.norm_bound(self.site)
         extra = {} if bound is None else {"bound": bound}
-        return approx.get_norm(cfg.norm_act)(x, scale, bias, eps=cfg.layer_norm_eps, **extra)
+        norm = approx.get_norm(cfg.norm_at(self.site))
+        return norm(x, scale, bias, eps=cfg.layer_norm_eps, **extra)
 
 
 def _residual_norm(config: BertConfig, site: int, name: str = "LayerNorm") -> nn.Module:
     """The residual-stream normalisation at ``site`` (0 = embedding, then 2 per layer).
 
-    Exact LayerNorm is flax's own module (bit-identical to the checkpoints' training);
-    every replacement is a ``NormApprox`` with the same parameters.
+    Exact LayerNorm, everywhere or at the sites a mixed ``norm_act`` keeps, is flax's own
+    module (bit-identical to the checkpoints' training); every replacement is a
+    ``NormApprox`` with the same parameters.
     """
-    if config.norm_act == "layernorm":
+    if config.norm_at(site) == "layernorm":
         return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
     return NormApprox(config, site, name=name)
 

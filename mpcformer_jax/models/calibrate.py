@@ -42,8 +42,8 @@ _TWO_QUAD_C = 5.0  # approx.two_quad_newton's c
 def needs_calibration(config: BertConfig) -> bool:
     """Whether making this student reads training data: a calibrated bound
     (``approx.CALIBRATED``) or an affine norm's least-squares start."""
-    return config.norm_act == "affine" or \
-        bool({config.norm_act, config.softmax_act} & approx.CALIBRATED)
+    return config.norm_replacement == "affine" or \
+        bool({config.norm_replacement, config.softmax_act} & approx.CALIBRATED)
 
 
 def _statistics(config: BertConfig, params, batches: list[dict]) -> dict[str, Any]:
@@ -98,12 +98,12 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return slope.astype(np.float32), (my - slope * mx).astype(np.float32)
 
 
-def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict]
-                         ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-channel affine fits of every LayerNorm site, one site after the other.
+def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict], replaced: np.ndarray
+                         ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel affine fits of the LayerNorm sites ``replaced`` marks, one after the other.
 
-    Site k is fitted on the inputs it receives when sites 0..k-1 are already the fitted
-    affine maps, against the exact LayerNorm's outputs of the unchanged network (``probe``,
+    Site k is fitted on the inputs it receives when the replaced sites before it are already
+    the fitted affine maps (the others exact LayerNorm), against the exact LayerNorm's outputs of the unchanged network (``probe``,
     exact LayerNorms) on the same tokens. Fitting every site on the exact network's own
     inputs instead (first version) let the errors compound: on rt the hidden states of a
     quad student grew from 12 to 3e4 over six layers, and its KD student reached 0.685 dev
@@ -116,7 +116,7 @@ def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict]
     # arrays): every LayerNorm's input and exact output, the sites before ``site`` replaced
     # by their affine fits.
     @jax.jit
-    def run(params, slopes, intercepts, site, ids, mask):
+    def run(params, slopes, intercepts, site, replaced, ids, mask):
         inputs, outputs = [], []
 
         def swap(next_fun, args, kwargs, ctx):
@@ -126,7 +126,7 @@ def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict]
             exact = next_fun(*args, **kwargs)
             inputs.append(x)
             outputs.append(exact)
-            return jnp.where(i < site, x * slopes[i] + intercepts[i], exact)
+            return jnp.where((i < site) & replaced[i], x * slopes[i] + intercepts[i], exact)
 
         with nn.intercept_methods(swap):
             model.apply({"params": params}, ids, mask)
@@ -137,16 +137,17 @@ def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict]
     masks = [np.asarray(b["attention_mask"]).astype(bool) for b in batches]
 
     def sites_of(site: int, which: int) -> list[list[np.ndarray]]:
-        return [[np.asarray(v)[m] for v in run(params, slopes, intercepts, site,
+        return [[np.asarray(v)[m] for v in run(params, slopes, intercepts, site, replaced,
                                                b["input_ids"], b["attention_mask"])[which]]
                 for b, m in zip(batches, masks, strict=True)]
 
     targets = sites_of(0, which=1)  # the exact network's LayerNorm outputs
-    for site in range(n_sites):
+    fitted = [site for site in range(n_sites) if replaced[site]]
+    for site in fitted:
         xs = [per_batch[site] for per_batch in sites_of(site, which=0)]
         slopes[site], intercepts[site] = _fit(np.concatenate(xs),
                                               np.concatenate([t[site] for t in targets]))
-    return [(slopes[i].copy(), intercepts[i].copy()) for i in range(n_sites)]
+    return {i: (slopes[i].copy(), intercepts[i].copy()) for i in fitted}
 
 
 def calibrate(student: BertConfig, params, batches: Iterable[dict]) -> tuple[BertConfig, Any]:
@@ -170,10 +171,12 @@ def calibrate(student: BertConfig, params, batches: Iterable[dict]) -> tuple[Ber
     stats = _statistics(probe, params, batches)
     sites = stats["sites"]
     params = jax.tree_util.tree_map(np.asarray, params)
-    if student.norm_act == "layernorm_newton":
+    if student.norm_replacement == "layernorm_newton":
         student = student.replace(norm_bounds=tuple(MARGIN * s["var"] for s in sites))
-    if student.norm_act == "affine":
-        for site, (slope, intercept) in enumerate(_fit_affine_in_order(probe, params, batches)):
+    if student.norm_replacement == "affine":
+        replaced = np.array([student.norm_at(i) == "affine" for i in range(len(sites))])
+        fits = _fit_affine_in_order(probe, params, batches, replaced)
+        for site, (slope, intercept) in fits.items():
             _set_norm(params, site, slope, intercept)
     if student.softmax_act == "2quad_newton":
         # Row sums with the norms as calibrated above (an affine student's scores are not

@@ -30,7 +30,8 @@ class BertConfig:
       hidden_act: name in ``approx.GELU_APPROX`` used in every FFN ("gelu" is BERT's own).
       softmax_act: name in ``approx.SOFTMAX_APPROX`` used as the attention normaliser.
       norm_act: name in ``approx.NORM_APPROX`` used for every residual normalisation (the
-        embedding's and two per layer; "layernorm" is BERT's own).
+        embedding's and two per layer; "layernorm" is BERT's own), or a mixed name such as
+        "affine@2" that keeps exact LayerNorm at the listed sites (``approx.split_norm``).
       norm_bounds: calibration constants of a calibrated norm (``approx.CALIBRATED``), one
         per normalisation site in forward order (embedding, then attention and FFN output of
         each layer); empty means the entry's default everywhere. Public, like the
@@ -84,6 +85,13 @@ class BertConfig:
         approx.get_activation(self.hidden_act)  # raises with the valid names
         approx.get_normaliser(self.softmax_act)
         approx.get_norm(self.norm_act)
+        norm, exact_sites = approx.split_norm(self.norm_act)
+        object.__setattr__(self, "norm_act", approx.join_norm(norm, exact_sites))
+        if exact_sites and exact_sites[-1] > 2 * self.num_hidden_layers:
+            raise ValueError(
+                f"norm_act {self.norm_act!r} keeps site {exact_sites[-1]} exact, but a "
+                f"{self.num_hidden_layers}-layer model has sites 0..{2 * self.num_hidden_layers}"
+                " (0 = embedding, 2l+1 and 2l+2 = layer l's attention and FFN outputs).")
         sites = {"norm_bounds": 1 + 2 * self.num_hidden_layers,
                  "softmax_bounds": self.num_hidden_layers}
         for field, n in sites.items():
@@ -149,6 +157,17 @@ class BertConfig:
         a = approx.Approximation.parse(choice)
         return self.replace(hidden_act=a.activation, softmax_act=a.softmax, norm_act=a.norm,
                             norm_bounds=(), softmax_bounds=())
+
+    @property
+    def norm_replacement(self) -> str:
+        """The registry entry that replaces LayerNorm ("affine" for "affine@2:5")."""
+        return approx.split_norm(self.norm_act)[0]
+
+    def norm_at(self, site: int) -> str:
+        """The registry entry at normalisation site ``site``: "layernorm" at the sites a mixed
+        ``norm_act`` keeps exact (``approx.split_norm``), its replacement elsewhere."""
+        base, exact_sites = approx.split_norm(self.norm_act)
+        return "layernorm" if site in exact_sites else base
 
     def norm_bound(self, site: int) -> float | None:
         """The calibration constant of normalisation site ``site`` (None if uncalibrated:
