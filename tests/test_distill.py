@@ -202,7 +202,8 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     np.testing.assert_array_equal(word_table(exported), load_public_table(config))
     assert config.public_table_source == str(tiny_checkpoint)
     affine, _, _ = load_pretrained(results["exports"]["quad+2quad+affine@1"])
-    assert affine.norm_act == "affine@1" and affine.public_table_sha256 == config.public_table_sha256
+    assert affine.norm_act == "affine@1"
+    assert affine.public_table_sha256 == config.public_table_sha256
     # A second run with the same config resumes: every stage is already done.
     again = run_pipeline(cfg)
     assert again["rows"] == results["rows"]

@@ -103,11 +103,11 @@ def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict], replace
     """Per-channel affine fits of the LayerNorm sites ``replaced`` marks, one after the other.
 
     Site k is fitted on the inputs it receives when the replaced sites before it are already
-    the fitted affine maps (the others exact LayerNorm), against the exact LayerNorm's outputs of the unchanged network (``probe``,
-    exact LayerNorms) on the same tokens. Fitting every site on the exact network's own
-    inputs instead (first version) let the errors compound: on rt the hidden states of a
-    quad student grew from 12 to 3e4 over six layers, and its KD student reached 0.685 dev
-    accuracy against its teacher's 0.755.
+    the fitted affine maps (the others exact LayerNorm), against the exact LayerNorm's outputs
+    of the unchanged network (``probe``, exact LayerNorms) on the same tokens. Fitting every
+    site on the exact network's own inputs instead (first version) let the errors compound:
+    on rt the hidden states of a quad student grew from 12 to 3e4 over six layers, and its KD
+    student reached 0.685 dev accuracy against its teacher's 0.755.
     """
     model = BertForSequenceClassification(probe)
     n_sites, width = 1 + 2 * probe.num_hidden_layers, probe.hidden_size
