@@ -59,8 +59,9 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"experiments.benchmark: {err}") from None
     for protocol in args.protocols:
         for shape in (SHAPES[s] for s in args.shapes):
-            depths = [*shape.fit_layers, *([shape.layers] if args.full_depth else [])]
             for variant in variants:
+                depths = [*shape.fit_layers_for(variant.approximation),
+                          *([shape.layers] if args.full_depth else [])]
                 for layers in depths:
                     key = dict(protocol=protocol, shape=shape.name,
                                approximation=variant.approximation, layers=layers, **opts)

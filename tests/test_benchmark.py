@@ -168,3 +168,22 @@ def test_small_run_two_variants(tmp_path):
         assert sum(g["rounds"] for g in r["groups"].values()) == pytest.approx(r["rounds"])
     for suffix in ("_raw.json", ".json", ".md", ".png"):
         assert (tmp_path / f"benchmark{suffix}").exists()
+
+
+def test_mixed_norm_runs_deeper_fit_layers_and_extrapolates_exactly():
+    from mpcformer_jax.bench.measure import measure
+    from mpcformer_jax.bench.variants import SHAPES, Shape, Variant
+
+    base = SHAPES["base-128"]
+    assert base.fit_layers_for(Approximation.parse("quad+2quad+affine@2")) == (1, 2)
+    assert base.fit_layers_for(Approximation.parse("quad+2quad+affine@0:5")) == (3, 4)
+    assert base.fit_layers_for(Approximation.parse("quad+2quad")) == (1, 2)
+    # Layer 1 keeps an exact LayerNorm (site 3): runs at 2 and 3 layers, extrapolated to 4,
+    # give the 4-layer run's messages and bytes (every layer after the second is alike).
+    shape, variant = Shape("tiny-4", 8, 4, small=True), Variant.of("quad+2quad+affine@3")
+    r2, r3, r4 = (measure(variant, shape, "ABY3", n) for n in (2, 3, 4))
+    assert shape.fit_layers_for(variant.approximation) == (2, 3)
+    full = extrapolate(r2, r3, 4)
+    assert full.messages == pytest.approx(r4.messages)
+    assert full.bytes == pytest.approx(r4.bytes, rel=1e-3)
+    assert r3.groups["layernorm"].messages > 0

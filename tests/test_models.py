@@ -169,3 +169,18 @@ def test_mixed_norm_with_every_site_exact_is_layernorm():
                                   np.asarray(forward(config, params, ids, mask)))
     partly = np.asarray(forward(config.replace(norm_act="affine@0:1:2:3"), params, ids, mask))
     assert not np.allclose(partly, np.asarray(forward(config, params, ids, mask)))
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (2, 40)])  # Gram product / squares (B L > H = 32)
+def test_gram_variance_layernorm_gives_the_same_forward(shape):
+    config = BertConfig.tiny(num_labels=3).with_approximation("quad+2quad+affine@0:2")
+    params = init_params(config, 1)
+    ids = _ids(config.vocab_size, shape, seed=5)
+    mask = np.ones(shape, np.int32)
+    mask[0, shape[1] // 2:] = 0
+    a, ia = forward(config, params, ids, mask, output_intermediates=True)
+    b, ib = forward(config.replace(gram_variance=True), params, ids, mask,
+                    output_intermediates=True)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    for x, y in zip(ia["hidden_states"], ib["hidden_states"], strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-4)

@@ -57,8 +57,9 @@ def full_depth(store: Store, protocol: str, shape, approximation: Approximation,
     """The record at the shape's full depth: extrapolated from the fit layers when they were
     run (so every approximation of a table is obtained the same way), else measured."""
     r1, r2 = (store.find(protocol=protocol, shape=shape.name, approximation=approximation,
-                         layers=n, **opts) for n in shape.fit_layers)
-    if r1 is not None and r2 is not None and shape.layers not in shape.fit_layers:
+                         layers=n, **opts) for n in shape.fit_layers_for(approximation))
+    if r1 is not None and r2 is not None and \
+            shape.layers not in shape.fit_layers_for(approximation):
         return extrapolate(r1, r2, shape.layers)
     measured = store.find(protocol=protocol, shape=shape.name, approximation=approximation,
                           layers=shape.layers, **opts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mpcformer_jax.approx import Approximation
+from mpcformer_jax.approx import Approximation, split_norm
 from mpcformer_jax.models import BertConfig
 
 
@@ -49,6 +49,16 @@ class Shape:
 
     hidden: int = 768  # FFN = 4 x hidden, BERT's vocabulary
     heads: int = 0     # 0: hidden / 64 (BERT's head size)
+
+    def fit_layers_for(self, approximation: Approximation) -> tuple[int, int]:
+        """The layer counts run for ``approximation``: ``fit_layers``, moved deeper when a
+        mixed norm (``approx.split_norm``) keeps exact LayerNorm in a later layer, so that
+        both runs hold every exact site and differ by one layer like all the others (the
+        line through them is then exact again)."""
+        _, exact_sites = split_norm(approximation.norm)
+        last_layer = max(((s - 1) // 2 for s in exact_sites if s > 0), default=-1)
+        first = max(self.fit_layers[0], last_layer + 1)
+        return self.fit_layers if first == self.fit_layers[0] else (first, first + 1)
 
     def config(self, layers: int) -> BertConfig:
         if self.small:

@@ -50,6 +50,42 @@ class NormApprox(nn.Module):
         return norm(x, scale, bias, eps=cfg.layer_norm_eps, **extra)
 
 
+def _token_variances(centred: Array) -> Array:
+    """Mean of squares over the last axis of ``centred`` (B, L, H) -> (B, L, 1).
+
+    When the batch's tokens are fewer than the channels (B L <= H: every private query of
+    the benchmark), read off the diagonal of one (B L x H) @ (H x B L) Gram product: under MPC
+    a product reshares and truncates its outputs, (B L)^2 values here against B L H for the
+    elementwise squares. The diagonal is a strided slice, free on shares. Otherwise the
+    squares, which are then the smaller product.
+    """
+    batch, length, width = centred.shape
+    tokens = batch * length
+    if tokens > width:
+        return jnp.mean(jnp.square(centred), -1, keepdims=True)
+    flat = centred.reshape(tokens, width)
+    diagonal = (flat @ flat.T).reshape(-1)[:: tokens + 1]
+    return (diagonal / width).reshape(batch, length, 1)
+
+
+class GramLayerNorm(nn.Module):
+    """Exact LayerNorm with its variances from a Gram product (``_token_variances``).
+
+    The same function and parameters (``scale``, ``bias``) as ``nn.LayerNorm``; used by a
+    config with ``gram_variance`` (set by ``private.model.prepare``, never for training).
+    """
+
+    epsilon: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        centred = x - jnp.mean(x, -1, keepdims=True)
+        inv = jax.lax.rsqrt(_token_variances(centred) + self.epsilon)
+        return centred * inv * scale + bias
+
+
 def _residual_norm(config: BertConfig, site: int, name: str = "LayerNorm") -> nn.Module:
     """The residual-stream normalisation at ``site`` (0 = embedding, then 2 per layer).
 
@@ -58,6 +94,8 @@ def _residual_norm(config: BertConfig, site: int, name: str = "LayerNorm") -> nn
     ``NormApprox`` with the same parameters.
     """
     if config.norm_at(site) == "layernorm":
+        if config.gram_variance:
+            return GramLayerNorm(epsilon=config.layer_norm_eps, name=name)
         return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
     return NormApprox(config, site, name=name)
 

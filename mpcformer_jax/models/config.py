@@ -45,6 +45,9 @@ class BertConfig:
       block_diagonal_heads: compute the attention products of all heads as one matmul with
         a block-diagonal operand (the same values; one round instead of one per head under
         SPU, H-fold local compute). Set by ``private.model.prepare``, never for training.
+      gram_variance: exact LayerNorms read their token variances off one Gram product
+        (``bert.GramLayerNorm``: the same function; L x L values reshared under MPC instead
+        of L x H). Set by ``private.model.prepare``, never for training.
       public_table_source, public_table_sha256: set when the word-embedding table is the
         public checkpoint's, unchanged (frozen through fine-tuning and distillation): the
         checkpoint to take it from and the table's hash. A private-inference client then
@@ -77,6 +80,7 @@ class BertConfig:
     fuse_qkv: bool = True
     folded: bool = False
     block_diagonal_heads: bool = False
+    gram_variance: bool = False
     num_labels: int = 2
     is_roberta: bool = False
     label_names: tuple[str, ...] = ()

@@ -27,7 +27,8 @@ from mpcformer_jax.private.compile import compile_cached
 
 def prepare(config: BertConfig, params) -> tuple[BertConfig, dict]:
     """What the owner compiles and shares: the model folded for MPC (``models.fold``), its
-    heads' attention products as single block-diagonal matmuls, and without its
+    heads' attention products as single block-diagonal matmuls, LayerNorm variances from a
+    Gram product (``bert.GramLayerNorm``), and without its
     word-embedding table when that table is public (the client looks up).
 
     Run by the owner, in plaintext, before anything is shared; idempotent.
@@ -42,7 +43,7 @@ def prepare(config: BertConfig, params) -> tuple[BertConfig, dict]:
 def prepared_config(config: BertConfig) -> BertConfig:
     """The config ``prepare`` returns, from the config alone (no weights needed): what the
     public card carries, so a client compiles the program the nodes run."""
-    return config.replace(folded=True, block_diagonal_heads=True)
+    return config.replace(folded=True, block_diagonal_heads=True, gram_variance=True)
 
 
 def prepared_param_shapes(config: BertConfig) -> dict:
