@@ -325,3 +325,41 @@ def test_calibrated_students_get_bounds_fits_and_finite_outputs():
     for b in data:
         assert np.all(np.isfinite(np.asarray(forward(cfg, params, b["input_ids"],
                                                      b["attention_mask"]))))
+
+
+# ------------------------------------------------------------------ norm_sites
+
+
+def test_norm_sites_greedy_search_on_a_tiny_run(tmp_path, tiny_checkpoint, capsys):
+    from experiments import norm_sites
+    from mpcformer_jax.models import save_pretrained
+
+    _, _, tokenizer = load_pretrained(tiny_checkpoint)
+    run = tmp_path / "run"
+    cfg = DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint), max_train=64,
+                        max_dev=32, max_test=32, max_length=32, buckets=(32,),
+                        out_dir=str(run))
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    student = BertConfig.tiny(vocab_size=tokenizer.vocab_size, max_position_embeddings=64,
+                              hidden_act="quad", softmax_act="2quad")
+    save_pretrained(run / "quad+2quad" / "student", student, init_params(student, 0), tokenizer)
+
+    rows = norm_sites.main([str(run), "--max-sites", "1", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == rows  # stdout holds the rows and nothing else
+    assert rows[0]["norm"] == "layernorm" and rows[0]["exact_sites"] == [0, 1, 2, 3, 4]
+    assert rows[1]["norm"] == "affine" and rows[1]["exact_sites"] == []
+    assert [r["norm"] for r in rows[2:]] == [f"affine@{s}" for s in range(5)]
+    assert all(0.0 <= r["main"] <= 1.0 and r["main"] == r["accuracy"] for r in rows)
+
+    with pytest.raises(SystemExit, match="not a distillation run"):
+        norm_sites.main([str(tmp_path), "--json"])
+    with pytest.raises(SystemExit, match="no 'quad\\+2relu' student; it has: quad\\+2quad\\."):
+        norm_sites.main([str(run), "--student", "quad+2relu"])
+    assert capsys.readouterr().out == ""  # refused before the table's header
+    affine = student.replace(norm_act="affine")
+    save_pretrained(run / "quad+2quad+affine" / "student", affine, init_params(affine, 0),
+                    tokenizer)
+    with pytest.raises(SystemExit, match="already replaces LayerNorm"):
+        norm_sites.main([str(run), "--student", "quad+2quad+affine"])

@@ -1,0 +1,120 @@
+"""Which LayerNorm sites a student can give up: a greedy search by calibration alone.
+
+A mixed normalisation ("affine@2", ``approx.split_norm``) keeps exact LayerNorm at a few sites
+and replaces it everywhere else. This picks the sites. Start from a trained student with exact
+LayerNorm (e.g. the quad+2quad KD student of a distillation run). Score each set of exact
+sites E on the dev split, with no training: the student made "<norm>@E" by the same
+calibration distillation starts from (``models.calibrate``: per-channel affine fits, site
+after site, on training batches). The search is greedy. It starts with no exact site, then
+adds the site whose addition scores best, up to ``--max-sites``.
+
+    uv run python -m experiments.norm_sites runs/rt_public --student quad+2quad --max-sites 2
+
+Sites: 0 is the embedding's LayerNorm; 2l+1 and 2l+2 are layer l's attention and FFN outputs.
+Each candidate's row goes to stdout, as a table or, with ``--json``, one JSON object per line.
+Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+from mpcformer_jax import approx
+from mpcformer_jax.data import batches, load_task, tokenize_split
+from mpcformer_jax.models import load_pretrained
+from mpcformer_jax.models.calibrate import calibrate
+from mpcformer_jax.pipeline import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES
+from mpcformer_jax.train import parallel
+from mpcformer_jax.train.evaluation import evaluate
+from mpcformer_jax.train.steps import make_predict_step
+
+
+def load_run(run_dir: Path, student: str):
+    """(config, params, dev split, training batches for calibration, buckets, metrics) of the
+    ``student`` export of a distillation run, its data as the run had it."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise SystemExit(f"norm_sites: {run_dir} is not a distillation run (no config.json); "
+                         "pass the out_dir of `python -m experiments.distill`.")
+    cfg = json.loads(cfg_path.read_text())
+    folder = run_dir / approx.Approximation.parse(student).name / "student"
+    if not folder.exists():
+        found = sorted(p.parent.name for p in run_dir.glob("*/student"))
+        raise SystemExit(f"norm_sites: {run_dir} has no {student!r} student; it has: "
+                         f"{', '.join(found) or 'none'}.")
+    config, params, tokenizer = load_pretrained(folder)
+    if config.norm_act != "layernorm":
+        raise SystemExit(f"norm_sites: the {student!r} student already replaces LayerNorm "
+                         f"({config.norm_act!r}); start from one with exact LayerNorm.")
+    task = load_task(cfg["task"], max_examples={"train": cfg["max_train"] or None,
+                                                "dev": cfg["max_dev"] or None, "test": 1},
+                     subsample_seed=cfg.get("seed", 0))
+    length = cfg["max_length"]
+    tok = {name: tokenize_split(task.splits[name], tokenizer, length, config.max_length)
+           for name in ("train", "dev")}
+    buckets = tuple(cfg.get("buckets") or (length,))
+    calibration = list(itertools.islice(
+        batches(tok["train"], CALIBRATION_BATCH_SIZE, buckets, shuffle=True,
+                seed=cfg.get("seed", 0)), CALIBRATION_BATCHES))
+    return config, params, tok["dev"], calibration, buckets, tuple(task.metrics)
+
+
+def search(run: tuple, norm: str, max_sites: int, batch_size: int = 64):
+    """Yields one row per scored candidate of a ``load_run``: exact sites, norm name, dev
+    metrics."""
+    config, params, dev, calibration, buckets, metrics = run
+    mesh = parallel.make_mesh()
+    n_sites = 1 + 2 * config.num_hidden_layers
+
+    def score(exact_sites: tuple[int, ...]) -> dict:
+        name = approx.join_norm(norm, exact_sites)
+        candidate, cand_params = calibrate(config.replace(norm_act=name), params, calibration)
+        result = evaluate(make_predict_step(candidate), cand_params, dev, metrics, batch_size,
+                          mesh, buckets, desc=name)
+        return {"exact_sites": list(exact_sites), "norm": name, **result}
+
+    yield {"exact_sites": list(range(n_sites)), "norm": "layernorm",
+           **evaluate(make_predict_step(config), params, dev, metrics, batch_size, mesh,
+                      buckets, desc="layernorm")}
+    chosen: tuple[int, ...] = ()
+    yield score(chosen)
+    for _ in range(max_sites):
+        rows = [score(tuple(sorted((*chosen, s)))) for s in range(n_sites) if s not in chosen]
+        yield from rows
+        chosen = tuple(max(rows, key=lambda r: r["main"])["exact_sites"])
+        print(f"norm_sites: best with {len(chosen)} exact site(s): "
+              f"{approx.join_norm(norm, chosen)}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="out_dir of a distillation run")
+    parser.add_argument("--student", default="quad+2quad",
+                        help="the run's student to start from (exact LayerNorm)")
+    parser.add_argument("--norm", default="affine", choices=sorted(
+        set(approx.NORM_APPROX) - {"layernorm"}), help="the replacement")
+    parser.add_argument("--max-sites", type=int, default=2, help="exact sites to add, greedily")
+    parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    args = parser.parse_args(argv)
+    if args.max_sites < 0:
+        parser.error("--max-sites must be >= 0")
+    run = load_run(args.run_dir, args.student)  # a wrong path or name fails before any output
+    rows = []
+    if not args.json:
+        print("| exact sites | norm | dev main |\n|---|---|---:|", flush=True)
+    for row in search(run, args.norm, args.max_sites):
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            sites = ",".join(map(str, row["exact_sites"]))
+            print(f"| {sites or '-'} | {row['norm']} | {row['main']:.4f} |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
