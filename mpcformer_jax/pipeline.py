@@ -220,20 +220,40 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     calibration_data = list(itertools.islice(batches(
         data["train"], CALIBRATION_BATCH_SIZE, ctx.buckets, shuffle=True, seed=cfg.seed),
         CALIBRATION_BATCHES))
+    distilled = {}  # approximation -> (config, params) of its KD student
     for spelling in cfg.approximations:
-        choice = Approximation.parse(spelling).name
+        approximation = Approximation.parse(spelling)
+        choice = approximation.name
         where = out if len(cfg.approximations) == 1 else out / choice
         ckpt = out / "ckpt" / choice
-        student_config, student_params = make_student(teacher_config, teacher.params, choice,
-                                                      plan.layer_map, calibration_data)
-        s1 = stage(f"{choice} stage1", layerwise, cfg.stage1, student_config, student_params,
-                   ckpt / "stage1")
-        s2 = stage(f"{choice} stage2", prediction, cfg.stage2, student_config, s1.params,
-                   ckpt / "stage2")
+        progressive = cfg.norm_students_from != "teacher" and approximation.norm != "layernorm"
+        if progressive:
+            # Progressive replacement: the network first learned quad and 2quad with its
+            # LayerNorms; the replaced sites are now fitted to that student's own LayerNorm
+            # outputs (models.calibrate), and distillation goes on from there.
+            base_config, base_params = distilled[
+                dataclasses.replace(approximation, norm="layernorm").name]
+            student_config, student_params = calibrate(
+                base_config.with_approximation(approximation),
+                parallel.host_params(base_params), calibration_data)
+        else:
+            student_config, student_params = make_student(
+                teacher_config, teacher.params, choice, plan.layer_map, calibration_data)
+        if progressive and cfg.norm_students_from == "student_stage2":
+            s1 = None
+        else:
+            s1 = stage(f"{choice} stage1", layerwise, cfg.stage1, student_config,
+                       student_params, ckpt / "stage1")
+        s2 = stage(f"{choice} stage2", prediction, cfg.stage2, student_config,
+                   student_params if s1 is None else s1.params, ckpt / "stage2")
+        distilled[choice] = (student_config, s2.params)
         rows.append({"model": "student (KD)", "approximation": choice, "dev": s2.dev.get("main"),
                      "test": test_score(student_config, s2.params, f"{choice} student test")})
         exports[choice] = str(export(where / "student", student_config, s2.params))
         if cfg.run_baseline:
+            if progressive:  # no distilled weights in a no-distillation baseline
+                student_params = make_student(teacher_config, teacher.params, choice,
+                                              plan.layer_map, calibration_data)[1]
             base = stage(f"{choice} baseline", TaskObjective(), cfg.baseline, student_config,
                          student_params, ckpt / "baseline")
             rows.append({"model": "baseline (no KD)", "approximation": choice,

@@ -185,8 +185,13 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
                         student_layers=1, approximations=("quad+2quad", "quad+2quad+affine@1"),
                         teacher=stage, stage1=stage, stage2=stage, baseline=stage,
                         public_word_embeddings=True, eval_batch_size=16,
-                        out_dir=str(tmp_path / "run"))
+                        norm_students_from="student_stage2", out_dir=str(tmp_path / "run"))
     results = run_pipeline(cfg)
+    # The affine student started from the distilled quad+2quad student: no stage 1 of its own.
+    ckpt = tmp_path / "run" / "ckpt"
+    assert (ckpt / "quad+2quad" / "stage1").exists()
+    assert not (ckpt / "quad+2quad+affine@1" / "stage1").exists()
+    assert (ckpt / "quad+2quad+affine@1" / "stage2").exists()
     assert [r["model"] for r in results["rows"]] == ["teacher"] + \
         ["student (KD)", "baseline (no KD)"] * 2
     assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
@@ -363,3 +368,14 @@ def test_norm_sites_greedy_search_on_a_tiny_run(tmp_path, tiny_checkpoint, capsy
                     tokenizer)
     with pytest.raises(SystemExit, match="already replaces LayerNorm"):
         norm_sites.main([str(run), "--student", "quad+2quad+affine"])
+
+
+def test_norm_students_from_needs_the_exact_layernorm_student_listed_first():
+    ok = DistillConfig(approximations=("quad+2quad", "quad+2quad+affine@2"),
+                       norm_students_from="student")
+    assert ok.norm_students_from == "student"
+    with pytest.raises(ValueError, match="list 'quad\\+2quad' before it"):
+        DistillConfig(approximations=("quad+2quad+affine@2", "quad+2quad"),
+                      norm_students_from="student_stage2")
+    with pytest.raises(ValueError, match="norm_students_from must be one of teacher, student"):
+        DistillConfig(norm_students_from="baseline")

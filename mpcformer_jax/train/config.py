@@ -64,6 +64,9 @@ class StageConfig:
                      lambda v: v >= 0)
 
 
+NORM_STUDENT_STARTS = ("teacher", "student", "student_stage2")
+
+
 def _check_float(name: str, value: float, rule: str, ok) -> None:
     if not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be a finite number {rule}, got {value}.")
@@ -92,6 +95,12 @@ class DistillConfig:
         MSE terms; MPCFormer uses (1, 1, 1).
       teacher, stage1, stage2, baseline: optimisation of each stage.
       run_baseline: also train the no-distillation baseline.
+      norm_students_from: where a student that replaces LayerNorm starts (progressive
+        replacement). "teacher" (the default): the teacher's weights, like every student.
+        "student": the distilled student of the same run with the same activation and
+        softmax and exact LayerNorm (listed before it), calibrated from there, then both
+        stages. "student_stage2": the same start, stage 2 only (its hidden states were
+        already matched as that student).
       public_word_embeddings: freeze the word-embedding table at the pretrained checkpoint's
         values through the teacher, both stages and the baseline; the exports then record
         the table's source and hash, and private inference looks tokens up on the client
@@ -119,6 +128,7 @@ class DistillConfig:
     stage2: StageConfig = StageConfig(epochs=3, learning_rate=5e-5)
     baseline: StageConfig = StageConfig(epochs=8, learning_rate=5e-5)
     run_baseline: bool = True
+    norm_students_from: str = "teacher"
     public_word_embeddings: bool = False
     eval_batch_size: int = 64
     seed: int = 0
@@ -139,6 +149,18 @@ class DistillConfig:
         if len({approx.Approximation.parse(a) for a in self.approximations}) != \
                 len(self.approximations):
             raise ValueError(f"approximations has duplicates: {self.approximations}.")
+        if self.norm_students_from not in NORM_STUDENT_STARTS:
+            raise ValueError(f"norm_students_from must be one of {', '.join(NORM_STUDENT_STARTS)}"
+                             f", got {self.norm_students_from!r}.")
+        if self.norm_students_from != "teacher":
+            listed = [approx.Approximation.parse(a) for a in self.approximations]
+            for i, a in enumerate(listed):
+                base = dataclasses.replace(a, norm="layernorm")
+                if a.norm != "layernorm" and base not in listed[:i]:
+                    raise ValueError(
+                        f"norm_students_from={self.norm_students_from!r}: {a.name} starts from "
+                        f"the {base.name} student, so list {base.name!r} before it in "
+                        "approximations.")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
         if self.buckets and (max(self.buckets) < self.max_length or min(self.buckets) < 2):
