@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -40,6 +41,7 @@ from mpcformer_jax.private.model import (
     make_private_forward,
     prepare,
 )
+from mpcformer_jax.private.runtime import stdout_to_stderr
 
 
 def padded(tok, idx, length: int) -> dict[str, np.ndarray]:
@@ -196,14 +198,15 @@ def main(argv=None):
     finished = [r for r in runs if (r / "results.json").exists()]
     for r in runs:
         if r not in finished:
-            print(f"skipping {r}: no results.json (run not finished)")
+            print(f"skipping {r}: no results.json (run not finished)", file=sys.stderr)
     # Rows of earlier invocations are kept, except those of the runs evaluated now, so runs can
     # be added one at a time as their training finishes.
     stored = args.out / "accuracy.json"
     rows = json.loads(stored.read_text()) if stored.exists() else []
     rows = [row for row in rows if row["run"] not in {r.name for r in finished}]
-    for run_dir in finished:
-        rows += evaluate_run(run_dir, args.max_private, args.batch)
+    with stdout_to_stderr():  # SPU's C++ log lines to stderr; the rows still reach stdout
+        for run_dir in finished:
+            rows += evaluate_run(run_dir, args.max_private, args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "accuracy.json").write_text(json.dumps(rows, indent=1))
     md = markdown(rows, cost_ratios(args.benchmark))
