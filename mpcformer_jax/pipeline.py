@@ -251,9 +251,10 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
                      "test": test_score(student_config, s2.params, f"{choice} student test")})
         exports[choice] = str(export(where / "student", student_config, s2.params))
         if cfg.run_baseline:
-            if progressive:  # no distilled weights in a no-distillation baseline
-                student_params = make_student(teacher_config, teacher.params, choice,
-                                              plan.layer_map, calibration_data)[1]
+            if progressive:  # no distilled weights in a no-distillation baseline (and its
+                # calibration constants are the teacher-started student's)
+                student_config, student_params = make_student(
+                    teacher_config, teacher.params, choice, plan.layer_map, calibration_data)
             base = stage(f"{choice} baseline", TaskObjective(), cfg.baseline, student_config,
                          student_params, ckpt / "baseline")
             rows.append({"model": "baseline (no KD)", "approximation": choice,
