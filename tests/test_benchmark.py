@@ -170,6 +170,7 @@ def test_small_run_two_variants(tmp_path):
         assert (tmp_path / f"benchmark{suffix}").exists()
 
 
+@pytest.mark.slow  # three SPU runs of a 2-4 layer model: ~30 s
 def test_mixed_norm_runs_deeper_fit_layers_and_extrapolates_exactly():
     from mpcformer_jax.bench.measure import measure
     from mpcformer_jax.bench.variants import SHAPES, Shape, Variant

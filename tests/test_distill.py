@@ -335,6 +335,7 @@ def test_calibrated_students_get_bounds_fits_and_finite_outputs():
 # ------------------------------------------------------------------ norm_sites
 
 
+@pytest.mark.slow  # 6 calibrations and dev evaluations, each compiled: ~60 s
 def test_norm_sites_greedy_search_on_a_tiny_run(tmp_path, tiny_checkpoint, capsys):
     from experiments import norm_sites
     from mpcformer_jax.models import save_pretrained
