@@ -71,7 +71,8 @@ def check_config(cfg: DistillConfig) -> Plan:
 
     Raises:
       FileNotFoundError / OSError: the model is neither a folder, a short name nor reachable.
-      ValueError: max_length or the layer settings do not fit the model.
+      ValueError: max_length, the layer settings or an approximation's exact LayerNorm
+        sites do not fit the model.
     """
     folder = resolve_checkpoint(cfg.model)
     hf = json.loads((folder / "config.json").read_text())
@@ -87,6 +88,8 @@ def check_config(cfg: DistillConfig) -> Plan:
     if len(layer_map) != n_student or not all(0 <= j < n_teacher for j in layer_map):
         raise ValueError(f"layer_map {layer_map} must give one teacher layer in [0, {n_teacher}) "
                          f"for each of the {n_student} student layers.")
+    for choice in cfg.approximations:  # e.g. a mixed norm's sites against the student's depth
+        model.with_approximation(choice).replace(num_hidden_layers=n_student)
     return Plan(cfg, model, tuple(layer_map))
 
 

@@ -371,6 +371,14 @@ def test_norm_sites_greedy_search_on_a_tiny_run(tmp_path, tiny_checkpoint, capsy
         norm_sites.main([str(run), "--student", "quad+2quad+affine"])
 
 
+def test_check_config_refuses_exact_sites_beyond_the_student_before_any_training():
+    with pytest.raises(ValueError, match="a 6-layer model has sites 0..12"):
+        check_config(DistillConfig(approximations=("quad+2quad+affine@20",)))
+    with pytest.raises(ValueError, match="a 2-layer model has sites 0..4"):
+        check_config(DistillConfig(approximations=("quad+2quad+affine@5",), student_layers=2))
+    check_config(DistillConfig(approximations=("quad+2quad+affine@12",)))
+
+
 def test_norm_students_from_needs_the_exact_layernorm_student_listed_first():
     ok = DistillConfig(approximations=("quad+2quad", "quad+2quad+affine@2"),
                        norm_students_from="student")
