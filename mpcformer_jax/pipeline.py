@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -164,7 +165,9 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
       A JSON-ready dict: ``rows`` (one per model: name, approximation, dev and test metrics,
       ratio to the teacher's test score), ``exports`` (approximation -> exported student
       folder), ``seconds``.
-      Also written to ``out_dir/results.json`` and, as a table, ``out_dir/results.md``.
+      Also written to ``out_dir/results.json`` and, as a table, ``out_dir/results.md``:
+      those two files mark a finished run. Until then ``results.partial.{json,md}`` hold the
+      rows tested so far, so a student that fails late loses none of the scores before it.
     """
     start = time.time()
     plan = cfg if isinstance(cfg, Plan) else check_config(cfg)
@@ -216,10 +219,29 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     export(out / "teacher", teacher_config, teacher.params)
     teacher_main = rows[0]["test"]["main"]
 
+    def record(rows, exports, final=False):
+        # The rows so far, with their ratio to the teacher: results.* once finished, else
+        # results.partial.*; each file replaced whole, so a reader never sees half of one.
+        for row in rows:
+            row["vs_teacher"] = row["test"]["main"] / teacher_main if teacher_main else None
+        results = {"name": cfg.name, "task": cfg.task,
+                   "sizes": {k: len(v) for k, v in data.items()}, "rows": rows,
+                   "exports": exports, "seconds": round(time.time() - start, 1)}
+        if parallel.is_primary():
+            stem = "results" if final else "results.partial"
+            _write_atomic(out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+            _write_atomic(out / f"{stem}.md", format_table(results) + "\n")
+            if final:
+                for suffix in (".json", ".md"):
+                    (out / f"results.partial{suffix}").unlink(missing_ok=True)
+        return results
+
+    exports = {}
+    record(rows, exports)
+
     layerwise = LayerwiseObjective(teacher_config, teacher.params, plan.layer_map,
                                    cfg.layerwise_weights)
     prediction = PredictionObjective(teacher_config, teacher.params, cfg.temperature)
-    exports = {}
     calibration_data = list(itertools.islice(batches(
         data["train"], CALIBRATION_BATCH_SIZE, ctx.buckets, shuffle=True, seed=cfg.seed),
         CALIBRATION_BATCHES))
@@ -253,6 +275,7 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         rows.append({"model": "student (KD)", "approximation": choice, "dev": s2.dev.get("main"),
                      "test": test_score(student_config, s2.params, f"{choice} student test")})
         exports[choice] = str(export(where / "student", student_config, s2.params))
+        record(rows, exports)
         if cfg.run_baseline:
             if progressive:  # no distilled weights in a no-distillation baseline (and its
                 # calibration constants are the teacher-started student's)
@@ -264,15 +287,16 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
                          "dev": base.dev.get("main"),
                          "test": test_score(student_config, base.params,
                                             f"{choice} baseline test")})
-    for row in rows:
-        row["vs_teacher"] = row["test"]["main"] / teacher_main if teacher_main else None
-    results = {"name": cfg.name, "task": cfg.task, "sizes": {k: len(v) for k, v in data.items()},
-               "rows": rows, "exports": exports, "seconds": round(time.time() - start, 1)}
-    if parallel.is_primary():
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "results.md").write_text(format_table(results) + "\n")
+            record(rows, exports)
+    results = record(rows, exports, final=True)
     run_log.write(event="results", **results)
     return results
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -247,13 +247,18 @@ def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path, tiny_checkpoint)
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "results.json").exists()
+    assert not (out / "results.json").exists()  # results.json marks a finished run
+    partial = json.loads((out / "results.partial.json").read_text())
+    assert [r["model"] for r in partial["rows"]] == ["teacher"]  # the score before the kill
+    assert partial["rows"][0]["vs_teacher"] == 1.0
     again = subprocess.run(_cli(tiny_checkpoint, out), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert '"event": "resumed"' in log.read_text()
     rows = [json.loads((d / "results.json").read_text())["rows"] for d in (tmp_path / "ref", out)]
     assert rows[0] == rows[1]
+    assert not (out / "results.partial.json").exists() and not (out / "results.partial.md").exists()
+    assert rows[0][0]["test"] == partial["rows"][0]["test"]  # the resumed teacher, same score
     weights = [(d / "student" / "model.safetensors").read_bytes() for d in (tmp_path / "ref", out)]
     assert weights[0] == weights[1]
 

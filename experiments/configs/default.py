@@ -25,7 +25,8 @@ test table. Measured (session 4, 755 s wall on the 2 cores, partly shared with a
 
 With the table trained (before session 4): teacher 0.7948, KD 0.7896, baseline 0.7244, 670 s.
 
-Outputs in runs/default/: config.json, metrics.jsonl, results.json, results.md, ckpt/,
+Outputs in runs/default/: config.json, metrics.jsonl, results.json, results.md (while
+running: results.partial.json/.md, the models tested so far), ckpt/,
 teacher/ and student/ (``save_pretrained`` folders; ``spu_run --model runs/default/student``).
 """
 
