@@ -65,8 +65,8 @@ def enable_compile_cache(path: str | None) -> str | None:
 
     Off unless asked for: on jaxlib 0.4.34's CPU backend one resumed run with a warm cache
     died of heap corruption (SIGABRT, "corrupted double-linked list") while loading its
-    programs (seen once, in CI; the same test has always passed without the cache). JAX also trusts its cache (a writer of the folder could run code here): keep
-    it private.
+    programs (seen once, in CI; the same test has always passed without the cache). JAX
+    also trusts its cache (a writer of the folder could run code here): keep it private.
     """
     if path is None or path.lower() in ("", "none"):
         return None

@@ -70,11 +70,20 @@ def load_public_table(config: BertConfig) -> np.ndarray:
     if not config.public_table_source:
         raise ValueError("this model's word-embedding table is private (no public_table "
                          "source in its config): the client one-hot encodes its tokens.")
+    return load_checked_table(config.public_table_source, config.public_table_sha256)
+
+
+def load_checked_table(source: str, sha256: str) -> np.ndarray:
+    """The word table of checkpoint ``source``, if its SHA-256 is ``sha256``.
+
+    Raises:
+      ValueError: the table found has another hash.
+    """
     from mpcformer_jax.models.hf_io import load_pretrained
 
-    _, params, _ = load_pretrained(config.public_table_source)
+    _, params, _ = load_pretrained(source)
     table = word_table(params)
-    check_public_table(config, table)
+    _check_sha256(source, sha256, table)
     return table
 
 
@@ -83,13 +92,16 @@ def check_public_table(config: BertConfig, table: np.ndarray) -> None:
     if not config.public_table_source:
         raise ValueError("this model's word-embedding table is private (no public_table "
                          "source in its config): the client one-hot encodes its tokens.")
+    _check_sha256(config.public_table_source, config.public_table_sha256, table)
+
+
+def _check_sha256(source: str, sha256: str, table: np.ndarray) -> None:
     found = table_sha256(table)
-    if found != config.public_table_sha256:
+    if found != sha256:
         raise ValueError(
-            f"the word-embedding table given for {config.public_table_source!r} has "
-            f"SHA-256 {found[:16]}..., but the model says {config.public_table_sha256[:16]}...: "
-            "install the checkpoint the model was trained from, or do not trust this model "
-            "(nothing was shared).")
+            f"the word-embedding table given for {source!r} has SHA-256 {found[:16]}..., but "
+            f"the model says {sha256[:16]}...: install the checkpoint the model was trained "
+            "from, or do not trust this model (nothing was shared).")
 
 
 def lookup(table: np.ndarray, input_ids: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from mpcformer_jax.models import BertConfig, fold, forward
 from mpcformer_jax.models.public_table import (
     check_public_table,
-    load_public_table,
+    load_checked_table,
     lookup,
     without_word_table,
 )
@@ -79,8 +79,7 @@ def client_table(config: BertConfig, table: np.ndarray | None = None) -> np.ndar
 @functools.lru_cache(maxsize=2)
 def _loaded_table(source: str, sha256: str) -> np.ndarray:
     # Keyed on (source, hash): a table is only returned for the hash it was checked against.
-    config = BertConfig(public_table_source=source, public_table_sha256=sha256)
-    table = np.asarray(load_public_table(config), np.float32)
+    table = np.asarray(load_checked_table(source, sha256), np.float32)
     table.setflags(write=False)  # shared by every later caller
     return table
 
