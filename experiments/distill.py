@@ -67,12 +67,20 @@ def enable_compile_cache(path: str | None) -> str | None:
     died of heap corruption (SIGABRT, "corrupted double-linked list") while loading its
     programs (seen once, in CI; the same test has always passed without the cache). JAX
     also trusts its cache (a writer of the folder could run code here): keep it private.
+
+    Raises:
+      ValueError: ``path`` is a file. OSError: the folder cannot be created.
     """
     if path is None or path.lower() in ("", "none"):
         return None
     import jax
 
     folder = os.path.expanduser(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        # JAX would only warn, once per program, and compile everything anyway.
+        raise ValueError(f"--compile-cache {folder} is a file: give a folder (created if "
+                         "missing) or 'none'.")
+    os.makedirs(folder, exist_ok=True)  # an unwritable place fails here, before any work
     jax.config.update("jax_compilation_cache_dir", folder)
     # Every program, not only those over JAX's default 1 s: a run compiles dozens of eval and
     # predict programs per padded length, each short, together minutes.
@@ -103,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    enable_compile_cache(args.compile_cache)
+    try:
+        enable_compile_cache(args.compile_cache)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     results = run_pipeline(plan, fresh=args.fresh)
     print(f"\n## {cfg.name}\n")
     print(format_table(results))

@@ -219,7 +219,7 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     export(out / "teacher", teacher_config, teacher.params)
     teacher_main = rows[0]["test"]["main"]
 
-    def record(rows, exports, final=False):
+    def record(final=False):
         # The rows so far, with their ratio to the teacher: results.* once finished, else
         # results.partial.*; each file replaced whole, so a reader never sees half of one.
         for row in rows:
@@ -237,7 +237,7 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         return results
 
     exports = {}
-    record(rows, exports)
+    record()
 
     layerwise = LayerwiseObjective(teacher_config, teacher.params, plan.layer_map,
                                    cfg.layerwise_weights)
@@ -275,7 +275,7 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         rows.append({"model": "student (KD)", "approximation": choice, "dev": s2.dev.get("main"),
                      "test": test_score(student_config, s2.params, f"{choice} student test")})
         exports[choice] = str(export(where / "student", student_config, s2.params))
-        record(rows, exports)
+        record()
         if cfg.run_baseline:
             if progressive:  # no distilled weights in a no-distillation baseline (and its
                 # calibration constants are the teacher-started student's)
@@ -287,8 +287,8 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
                          "dev": base.dev.get("main"),
                          "test": test_score(student_config, base.params,
                                             f"{choice} baseline test")})
-            record(rows, exports)
-    results = record(rows, exports, final=True)
+            record()
+    results = record(final=True)
     run_log.write(event="results", **results)
     return results
 

@@ -230,9 +230,12 @@ def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path, tiny_checkpoint)
     import time
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    ref = subprocess.run(_cli(tiny_checkpoint, tmp_path / "ref"), cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+    # The reference run also fills an opt-in compile cache (written, never read back here).
+    ref = subprocess.run(_cli(tiny_checkpoint, tmp_path / "ref",
+                              ("--compile-cache", str(tmp_path / "xla"))),
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
+    assert any((tmp_path / "xla").iterdir())
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(tiny_checkpoint, out), cwd=REPO, env=env,
@@ -395,8 +398,16 @@ def test_norm_students_from_needs_the_exact_layernorm_student_listed_first():
         DistillConfig(norm_students_from="baseline")
 
 
-def test_compile_cache_is_off_unless_asked_for():
-    from experiments.distill import enable_compile_cache
+def test_compile_cache_is_off_unless_asked_for_and_refuses_a_file(tmp_path, capsys):
+    from experiments.distill import enable_compile_cache, main
 
     assert enable_compile_cache(None) is None
     assert enable_compile_cache("None") is None
+    file = tmp_path / "cache"
+    file.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file: give a folder"):
+        enable_compile_cache(str(file))
+    assert main(["--config", "default:smoke", "--compile-cache", str(file),
+                 "--set", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before any work
