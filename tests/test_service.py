@@ -290,12 +290,35 @@ def test_hostile_connections_are_refused_and_service_goes_on(service, tiny_stude
         with pytest.raises(grpc.RpcError) as err:
             transport.stream_unary(ch, "Upload")(iter([b'{"sizes": [1]}', b"x"]), timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        header = {"query_id": "0" * 32, "bucket": "1x8", "counts": [1, 1],
+        header = {"query_id": "0" * 32, "rows": 1, "length": 8, "counts": [1, 1],
                   "fingerprint": endpoint["fingerprint"], "sizes": [10, 3 << 30, 10, 10]}
         with pytest.raises(grpc.RpcError) as err:
             transport.stream_unary(ch, "Query")(iter([json.dumps(header).encode()]), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "must hold" in err.value.details()
+        for shape, message in (((5, 8), "larger than any served bucket"),
+                               ((1, 17), "longer than any served bucket")):
+            big = {**header, "rows": shape[0], "length": shape[1]}
+            with pytest.raises(grpc.RpcError) as err:
+                transport.stream_unary(ch, "Query")(iter([json.dumps(big).encode()]),
+                                                    timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in err.value.details()
+        # Shares of the declared size but another shape: refused on arrival, so that they
+        # can never break a batch with other clients' queries.
+        import spu
+
+        from mpcformer_jax.private.runtime import make_shares, shares_to_blobs
+
+        io = spu.Io(3, load_config("aby3_3pc").runtime_config())
+        wrong = make_shares(io, {"a": np.zeros((1, 100, 8), np.float32),
+                                 "b": np.ones((1, 8), np.float32)})
+        counts, blobs = shares_to_blobs([wrong["a"][0], wrong["b"][0]])
+        with pytest.raises(grpc.RpcError) as err:
+            transport.stream_unary(ch, "Query")(transport.stream_frames(
+                {**header, "counts": counts}, blobs), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "was declared" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:  # one message above the cap
             transport.stream_unary(ch, "Query")(iter([b"x" * (transport.MAX_MESSAGE + 1)]),
                                                 timeout=10)
@@ -335,7 +358,7 @@ def test_full_queue_is_refused_and_cancelled_queries_are_forgotten(service):
 
             def query(k):
                 return call.future(transport.stream_frames(
-                    {"query_id": f"{k:032x}", "bucket": "1x8", "counts": counts,
+                    {"query_id": f"{k:032x}", "rows": 1, "length": 8, "counts": counts,
                      "fingerprint": endpoint["fingerprint"]}, blobs), timeout=60)
 
             waiting = [query(k) for k in range(4)]

@@ -174,8 +174,7 @@ def _run_service(model, cluster: ClusterConfig, shape, arrays, timeout_s: float,
         try:
             service.start()
             with Client(state, table=table) as client:
-                bucket = f"{shape[0]}x{shape[1]}"
-                logits, profiles = client.run_query(bucket, arrays)
+                logits, profiles, _ = client.run_query(arrays)
                 upload = client.upload
         finally:
             service.stop()

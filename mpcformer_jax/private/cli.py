@@ -4,6 +4,7 @@ A service (weights shared once, compiled once per bucket, many queries)::
 
     spu_run serve --config aby3_3pc --model runs/default/student --state-dir serve/ &
     spu_run query --state-dir serve/ --text "a gripping film" --json
+    spu_run status --state-dir serve/ [--json]                 # what the service is doing
     kill %1                                                    # SIGTERM: clean shutdown
 
 One-shot (a service for one query, then stopped)::
@@ -34,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-COMMANDS = ("serve", "query", "certs", "node", "card")
+COMMANDS = ("serve", "query", "status", "certs", "node", "card")
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -85,6 +86,13 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                        help="first recompile the program from the public card and check that "
                             "every node runs exactly it")
         _texts(p)
+    elif command == "status":
+        p.add_argument("--state-dir", required=True, help="the service's state folder")
+        p.add_argument("--name", default="owner",
+                       help="whose certificate asks (default: the owner's; a client's works)")
+        p.add_argument("--certs", default=None, help="certificates folder (default: the "
+                       "service's)")
+        p.add_argument("--json", action="store_true", help="print the status as JSON")
     elif command == "certs":
         p.add_argument("--out", required=True, help="folder for the CA, keys and certificates")
         p.add_argument("--config", help="cluster config whose node ids get certificates")
@@ -148,6 +156,12 @@ def print_results(result, as_json: bool, upload: dict | None = None) -> None:
         else:
             print(f"{p.label}\t{p.probabilities[p.label]:.3f}\t{p.text}{flag}")
     print(f"buckets {', '.join(result.buckets)}   end to end {result.wall_s:.2f} s")
+    for q in result.queries:
+        print(f"query: execution {q['execution']} ({q['bucket']}, {q['rows']} of "
+              f"{q['rows_used']} rows used, {q['rows_padded']} padded, {q['queries']} "
+              f"queries)   waited {q['wait_s']:.2f} s   ran {q['run_s']:.2f} s   its share "
+              f"{q['share']:.0%}: {q['bytes'] / 2**20:.3f} MiB, {q['rounds']:.0f} rounds")
+    print("executions' totals (every row, other clients' included):")
     print(result.cost.format())
 
 
@@ -227,6 +241,14 @@ def run_command(command: str | None, args) -> None:
                           f"{client.config.public_table_sha256[:16]}..., checked)",
                           file=sys.stderr)
             print_results(client.classify(texts), args.json)
+    elif command == "status":
+        from mpcformer_jax.private.roles.client import read_endpoint
+        from mpcformer_jax.private.status import format_status, service_status
+        from mpcformer_jax.private.tls import identity
+
+        certs = args.certs or read_endpoint(args.state_dir)["certs"]
+        status = service_status(args.state_dir, identity(certs, args.name))
+        print(json.dumps(status, indent=2) if args.json else format_status(status))
     elif command == "certs":
         from mpcformer_jax.private import tls
 

@@ -8,7 +8,7 @@ A config file looks like (``spu_configs/aby3_3pc.json``)::
      "compiler": {"enable_optimize_denominator_with_broadcast": true},
      "link": {"connect_retry_times": 30, "connect_retry_interval_ms": 200,
               "recv_timeout_ms": 30000},
-     "service": {"max_queue": 8, "share_wait_s": 30},
+     "service": {"max_queue": 32, "share_wait_s": 30, "max_batch_delay_ms": 50},
      "timeout_s": 60}
 
 A node's ``link`` is where it accepts the mutual-TLS tunnels of the other nodes (node <-> node
@@ -16,8 +16,11 @@ MPC traffic; SPU's own brpc server listens on a private Unix socket, see tunnel.
 its gRPC service, where the model owner uploads weight shares and clients send queries, both
 over mutual TLS. Port 0 means "choose a free port at launch" (only ``spu_run`` with all roles
 on one machine can do that; separately started roles need fixed ports). ``service`` bounds a
-served model: ``max_queue`` queries waiting per node (more are refused as "queue full") and
-``share_wait_s``, how long a node waits for a query's shares to reach every node.
+served model: ``max_queue`` queries waiting per node (more are refused as "queue full"),
+``share_wait_s``, how long a node waits for a query's shares to reach every node,
+``max_batch_delay_ms``, how long node 0 holds the oldest waiting query for others to join
+its execution (a full batch runs at once), and ``batching`` (default true; false runs every
+query in an execution of its own, for comparison).
 ``runtime`` holds fields of SPU's ``RuntimeConfig`` protobuf and ``compiler`` fields of
 ``CompilerOptions``; both are checked against the installed SPU, so an unknown or misspelt
 field is an error naming it.
@@ -43,8 +46,12 @@ _NODE_KEYS = {"id", "link", "io"}
 _LINK_KEYS = {"connect_retry_times": int, "connect_retry_interval_ms": int,
               "recv_timeout_ms": int, "http_timeout_ms": int, "throttle_window_size": int,
               "brpc_channel_protocol": str}
-_SERVICE_KEYS = {"max_queue": int, "share_wait_s": (int, float)}
-_SERVICE_DEFAULTS = {"max_queue": 8, "share_wait_s": 30.0}
+_SERVICE_KEYS = {"max_queue": int, "share_wait_s": (int, float),
+                 "max_batch_delay_ms": (int, float), "batching": bool}
+# 50 ms: short beside one execution (about 1 s for the tiny model, 10-30 s for MiniLM on 2
+# cores), long enough for clients that start together to share one.
+_SERVICE_DEFAULTS = {"max_queue": 32, "share_wait_s": 30.0, "max_batch_delay_ms": 50.0,
+                     "batching": True}
 # Set by this package, not by a config: profiling is how the cost report is measured.
 _RESERVED_RUNTIME = {"protocol", "enable_pphlo_profile", "enable_hal_profile"}
 
@@ -90,6 +97,15 @@ class ClusterConfig:
     @property
     def max_queue(self) -> int:
         return int(dict(self.service).get("max_queue", _SERVICE_DEFAULTS["max_queue"]))
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return float(dict(self.service).get(
+            "max_batch_delay_ms", _SERVICE_DEFAULTS["max_batch_delay_ms"])) / 1000
+
+    @property
+    def batching(self) -> bool:
+        return bool(dict(self.service).get("batching", _SERVICE_DEFAULTS["batching"]))
 
     @property
     def share_wait_s(self) -> float:
@@ -211,6 +227,10 @@ def _check_keys(section: dict, allowed: set[str], where: str) -> None:
 def _check_typed(section: dict, types: dict[str, Any], where: str) -> None:
     _check_keys(section, set(types), where)
     for key, value in section.items():
+        if types[key] is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+            continue
         if isinstance(value, bool) or not isinstance(value, types[key]):
             want = getattr(types[key], "__name__", "number")
             raise ConfigError(f"{where}.{key} must be a {want}, got {value!r}")
@@ -264,6 +284,9 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ClusterConfig:
     _check_typed(service, _SERVICE_KEYS, f"{source}: service")
     if service.get("max_queue", 1) < 1 or service.get("share_wait_s", 1) <= 0:
         raise ConfigError(f"{source}: service.max_queue must be >= 1 and share_wait_s > 0")
+    if service.get("max_batch_delay_ms", 0) > 60_000:
+        raise ConfigError(f"{source}: service.max_batch_delay_ms must be at most 60000 (a "
+                          "query would wait a minute for company)")
     timeout_s = data.get("timeout_s", 60.0)
     if not isinstance(timeout_s, int | float) or timeout_s <= 0:
         raise ConfigError(f"{source}: timeout_s must be a positive number, got {timeout_s!r}")

@@ -36,8 +36,10 @@ from mpcformer_jax.private.runtime import bytes_per_element, mem_available
 from mpcformer_jax.private.tls import CertError, identity, make_certs
 
 DEFAULT_BUCKETS = "1x16,1x32,8x32,8x64"
-_MAX_RESTARTS = 3  # within _RESTART_WINDOW_S; more means something is wrong beyond a crash
-_RESTART_WINDOW_S = 600.0
+# More restarts than this within _RESTART_WINDOW_S mean something is wrong beyond a crash (a
+# node that cannot start loops every few seconds); a node lost every few minutes is served on.
+_MAX_RESTARTS = 5
+_RESTART_WINDOW_S = 300.0
 
 
 class ServiceError(RuntimeError):
@@ -163,7 +165,11 @@ class Service:
         self.owner: Owner | None = None
         self.nodes: _LocalNodes | None = None
         self.generation = 0
-        self.restarts: list[float] = []
+        self.restarts: list[float] = []  # recent ones, for the restart budget
+        self.restart_count = 0
+        self.started_at = time.time()
+        self.carried: dict = {}  # node 0's counters of earlier node generations (status.py)
+        self._last_stats: dict = {}
         self.upload = None
         self._stop = False
 
@@ -245,6 +251,8 @@ class Service:
             "program_digests": self.owner.digests, "card": "card",
             "certs": str(self.certs.resolve()),
             "upload": {**self.upload.to_dict(), "compile_s": self.owner.compile_s},
+            "started_at": self.started_at, "restarts": self.restart_count,
+            "carried": self.carried,
         }
         tmp = self.state / f".{ENDPOINT}.tmp"
         tmp.write_text(json.dumps(endpoint, indent=2))
@@ -276,15 +284,35 @@ class Service:
                 ch.close()
         return None
 
-    def wait(self, poll_s: float = 0.2, remote_poll_s: float = 2.0) -> None:
+    def _poll_stats(self) -> None:
+        """Keeps node 0's latest counters, so a restart can carry them over."""
+        from mpcformer_jax.private import transport
+
+        node = self.cluster.nodes[0]
+        ch = transport.channel(f"{node.io[0]}:{node.io[1]}", node.id, self.owner.ident)
+        try:
+            info, _ = transport.unpack(transport.unary(ch, "Info")(b"{}", timeout=5))
+            self._last_stats = info.get("stats") or self._last_stats
+        except Exception:
+            pass  # a node that does not answer is the watchdog's business
+        finally:
+            ch.close()
+
+    def wait(self, poll_s: float = 0.2, remote_poll_s: float = 2.0,
+             stats_poll_s: float = 5.0) -> None:
         """Watches the nodes until ``request_stop``. A local node that dies is restarted
         with the others; a remote node that stops answering stops the service (the operator
         restarts the nodes, then ``serve`` again)."""
-        last_remote_check = time.monotonic()
+        from mpcformer_jax.private.status import merge_stats
+
+        last_remote_check = last_stats = time.monotonic()
         while not self._stop:
             time.sleep(poll_s)
             if self._stop:
                 break
+            if time.monotonic() - last_stats >= stats_poll_s:
+                last_stats = time.monotonic()
+                self._poll_stats()
             if self.remote:
                 if time.monotonic() - last_remote_check >= remote_poll_s:
                     last_remote_check = time.monotonic()
@@ -302,6 +330,9 @@ class Service:
                                    f"{_RESTART_WINDOW_S / 60:.0f} minutes: stopping (see the "
                                    "nodes' errors above)")
             log(f"{dead}; restarting the nodes and re-sharing the weights")
+            self.restart_count += 1
+            self.carried = merge_stats(self.carried, self._last_stats)
+            self._last_stats = {}
             self._rewrite_not_ready()
             self._stop_nodes()
             self._start_nodes()

@@ -7,10 +7,16 @@
 
 It tokenizes locally and encodes the tokens: the rows of the public word-embedding table
 when the model names one (loaded once from the client's own copy of that checkpoint and
-hash-checked; a mismatch refuses before anything is shared), else one-hot rows. It picks
-the smallest served (batch, length) bucket that fits, secret-shares the inputs and sends
-each node its share over mutual TLS, then reconstructs the logits from the nodes' output
-shares. A text longer than the largest bucket is truncated, and its prediction says so.
+hash-checked; a mismatch refuses before anything is shared), else one-hot rows. It cuts the
+texts into queries that each fit a served (batch, length) bucket, pads each query's tokens
+to the smallest served length that holds them, secret-shares the inputs and sends each node
+its share over mutual TLS, then reconstructs the logits from the nodes' output shares. Node
+0 may run the query in one execution with other clients' queries (batching.py); each node
+returns only this query's rows of the output, on the call that sent it. A text longer than
+the largest bucket is truncated, and its prediction says so.
+
+What the nodes learn of a query: its number of texts and its padded length (as the size of
+its shares shows anyway), never a token.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from mpcformer_jax.private.cost import CostReport, report_from_profiles
 from mpcformer_jax.private.tls import Identity, identity
 
 ENDPOINT = "endpoint.json"
-_RETRY = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+# A node restarted (UNAVAILABLE), the queue was full (RESOURCE_EXHAUSTED), or a node never
+# received this query's shares and node 0 dropped it from its batch (ABORTED).
+_RETRY = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED")
 
 
 class QueryError(RuntimeError):
@@ -60,16 +68,34 @@ class Prediction:
 
 @dataclasses.dataclass
 class QueryResult:
-    """Predictions of a call to ``classify``, its buckets, and what it cost."""
+    """Predictions of a call to ``classify``, and what it cost.
+
+    Attributes:
+      predictions: one per text, in order.
+      buckets: the bucket of each execution this call's queries ran in.
+      cost: the executions' totals (every row of them, other clients' included).
+      wall_s: seconds the call took, end to end.
+      queries: per query sent: its execution, rows used and padded there, seconds waiting
+        in node 0's queue and running, and its share of the execution (its rows over the
+        rows used) with that share of the bytes, messages and rounds.
+    """
 
     predictions: list[Prediction]
     buckets: list[str]
     cost: CostReport
     wall_s: float
+    queries: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def own_cost(self) -> dict:
+        """This call's share of its executions: bytes, messages and rounds."""
+        return {k: round(sum(q[k] for q in self.queries), 1)
+                for k in ("bytes", "messages", "rounds")}
 
     def to_dict(self) -> dict:
         return {"results": [p.to_dict() for p in self.predictions], "buckets": self.buckets,
-                "wall_s": self.wall_s, "cost": self.cost.to_dict()}
+                "wall_s": self.wall_s, "queries": self.queries, "own_cost": self.own_cost,
+                "cost": self.cost.to_dict()}
 
 
 def prediction(text: str, logits, labels, tokens: int, truncated: bool) -> Prediction:
@@ -84,6 +110,18 @@ def prediction(text: str, logits, labels, tokens: int, truncated: bool) -> Predi
     return Prediction(text, row, names[int(probs.argmax())],
                       {n: round(float(p), 4) for n, p in zip(names, probs, strict=True)},
                       tokens, truncated)
+
+
+def _query_account(batch: dict, profiles: list[dict], cluster: ClusterConfig,
+                   latency_s: float) -> dict:
+    """One query's line of QueryResult.queries: node 0's account of its execution, and its
+    share (rows over rows used) of the execution's bytes, messages and rounds."""
+    total = report_from_profiles(cluster.protocol, cluster.world_size, [profiles]).total
+    share = batch["rows"] / max(batch["rows_used"], 1)
+    return {**batch, "latency_s": round(latency_s, 4), "share": round(share, 4),
+            "execution_bytes": total.bytes, "execution_messages": total.messages,
+            "execution_rounds": total.rounds, "bytes": share * total.bytes,
+            "messages": share * total.messages, "rounds": share * total.rounds}
 
 
 def read_endpoint(state_dir: str | Path) -> dict:
@@ -183,13 +221,15 @@ class Client:
     def _next_query(self, lengths: list[int]) -> tuple[int, int, int]:
         """(batch, length, texts taken) for the next query over texts of these token counts:
         the bucket that takes the most texts (a query's cost is mostly its rounds, which do
-        not grow with the batch), then the smallest. A bucket of the largest served length
-        always fits: longer texts are truncated."""
+        not grow with the batch), then the shortest, then the smallest. The query is sent as
+        ``texts taken x length``: node 0 fits it into an execution (batching.py), so the
+        shortest length lets it share one with short queries of other clients. A bucket of
+        the largest served length always fits: longer texts are truncated."""
         best = None
         for b, n in self.buckets:
             take = min(b, len(lengths))
             if n >= min(max(lengths[:take]), self.max_length):
-                key = (-take, b * n)
+                key = (-take, n, b * n)
                 if best is None or key < best[0]:
                     best = (key, (b, n, take))
         return best[1]
@@ -211,27 +251,32 @@ class Client:
             raise ValueError(f"text {empty[0]} is empty: there is nothing to classify")
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
         start = time.perf_counter()
-        predictions, buckets, profiles = [], [], []
+        predictions, buckets, profiles, queries = [], [], [], []
         i = 0
         while i < len(texts):
             b, n, take = self._next_query(lengths[i:])
             chunk, lens = texts[i:i + take], lengths[i:i + take]
             i += take
-            ids, mask = tokenize(self.tokenizer, chunk + [""] * (b - len(chunk)), n)
+            ids, mask = tokenize(self.tokenizer, chunk, n)  # only our rows: no padding rows
             client_input, mask_f = encode_client_inputs(self.config, ids, mask, self.table)
-            logits, node_profiles = self.run_query(f"{b}x{n}", [client_input, mask_f])
+            sent = time.perf_counter()
+            logits, node_profiles, batch = self.run_query([client_input, mask_f])
             profiles.append(node_profiles)
-            buckets.append(f"{b}x{n}")
+            buckets.append(batch["bucket"])
+            queries.append(_query_account(batch, node_profiles, self.cluster,
+                                          time.perf_counter() - sent))
             predictions += [prediction(t, lg, self.labels, k, k > n)
-                            for t, lg, k in zip(chunk, logits[:len(chunk)], lens, strict=True)]
+                            for t, lg, k in zip(chunk, logits, lens, strict=True)]
         cost = report_from_profiles(self.cluster.protocol, self.cluster.world_size, profiles)
         cost.input_bytes = {"client": sum(q[0].get("client_bytes", 0) for q in profiles)}
-        return QueryResult(predictions, buckets, cost, time.perf_counter() - start)
+        return QueryResult(predictions, buckets, cost, time.perf_counter() - start, queries)
 
     # ------------------------------------------------------------------ one query
 
-    def run_query(self, bucket: str, arrays: list[np.ndarray]) -> tuple[np.ndarray, list[dict]]:
-        """Sends one bucket-shaped input to every node; returns (logits, node profiles).
+    def run_query(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, list[dict], dict]:
+        """Sends one query (client input and mask, ``rows x length`` each) to every node;
+        returns (its rows of logits, the nodes' profiles of its execution, node 0's account
+        of the execution: bucket, rows used and padded, queue wait).
 
         A query the service lost because it restarted its nodes (UNAVAILABLE), or could not
         take because its queue was full (RESOURCE_EXHAUSTED), is sent again with fresh shares,
@@ -239,7 +284,7 @@ class Client:
         """
         for attempt in range(self.retries + 1):
             try:
-                return self._query_once(bucket, arrays)
+                return self._query_once(arrays)
             except QueryError as err:
                 if err.code not in _RETRY or attempt == self.retries:
                     raise
@@ -262,7 +307,7 @@ class Client:
                 pass
             time.sleep(0.5)
 
-    def _query_once(self, bucket: str, arrays: list[np.ndarray]):
+    def _query_once(self, arrays: list[np.ndarray]):
         from mpcformer_jax.private.runtime import (
             blobs_to_shares,
             make_shares,
@@ -277,7 +322,9 @@ class Client:
         for rank, ch in enumerate(self._nodes()):
             own = [shares[n][rank] for n in names]
             counts, blobs = shares_to_blobs(own)
-            stream = transport.stream_frames({"query_id": qid, "bucket": bucket,
+            rows, length = arrays[1].shape
+            stream = transport.stream_frames({"query_id": qid, "rows": int(rows),
+                                              "length": int(length),
                                               "fingerprint": self.endpoint["fingerprint"],
                                               "counts": counts}, blobs)
             calls.append((share_bytes(own), transport.stream_unary(ch, "Query").future(
@@ -292,7 +339,7 @@ class Client:
             settled.acquire()
             if any(c.done() and c.exception() is not None for _, c in calls):
                 break
-        outs, profiles, failure = [], [], None
+        outs, profiles, batches, failure = [], [], [], None
         for rank, (sent, call) in enumerate(calls):
             if not call.done():
                 continue  # a node failed first; this one is cancelled below
@@ -314,14 +361,27 @@ class Client:
                 continue
             outs += blobs_to_shares(header["counts"], blobs)
             profiles.append({**header["profile"], "client_bytes": sent})
+            batches.append(header.get("batch", {}))
         if failure is not None or len(outs) < len(calls):
             for _, call in calls:
                 call.cancel()
             raise failure or QueryError("a node did not answer", "UNAVAILABLE")
         profiles[0]["client_bytes"] = sum(p["client_bytes"] for p in profiles)
-        return np.asarray(self.io.reconstruct(outs)), profiles
+        logits = np.asarray(self.io.reconstruct(outs))
+        if logits.shape[0] != arrays[1].shape[0] or len({b.get("execution") for b in batches}) > 1:
+            raise QueryError(f"the nodes answered {logits.shape[0]} rows of executions "
+                             f"{sorted({str(b.get('execution')) for b in batches})} to a query "
+                             f"of {arrays[1].shape[0]}")
+        return logits, profiles, {**batches[0], "query_id": qid}
 
     # ------------------------------------------------------------------ what runs
+
+    def status(self) -> dict:
+        """The service's aggregate figures (status.py): uptime, restarts, queue depth,
+        answered and failed queries, batches, latency percentiles, each node's memory."""
+        from mpcformer_jax.private.status import service_status
+
+        return service_status(self.state_dir, self.ident)
 
     def info(self) -> list[dict]:
         """Each node's own account: readiness, model fingerprint, program digests."""

@@ -36,10 +36,12 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import spu
 import spu.libspu as libspu
 
 from mpcformer_jax.private import transport
+from mpcformer_jax.private.batching import Plan, Stats, Waiting, plan_batch, process_figures
 from mpcformer_jax.private.config import ClusterConfig
 from mpcformer_jax.private.program import CompiledForward, program_digest
 from mpcformer_jax.private.runtime import (
@@ -52,6 +54,7 @@ from mpcformer_jax.private.runtime import (
     setup_spu_log,
     shares_to_blobs,
 )
+from mpcformer_jax.private.shares import ShareError, join_rows, split_rows, to_array
 from mpcformer_jax.private.tls import Identity
 from mpcformer_jax.private.tunnel import Tunnels
 
@@ -67,15 +70,17 @@ class NodeFailure(RuntimeError):
 
 @dataclasses.dataclass
 class Query:
-    """One client query as this node holds it."""
+    """One client query as this node holds it: ``rows`` texts of ``length`` tokens."""
 
     qid: str
-    bucket: str
+    rows: int
+    length: int
     shares: list
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     response: bytes | None = None
     error: tuple[grpc.StatusCode, str] | None = None
-    state: str = "waiting"  # waiting -> prepared -> running -> done; or dropped
+    state: str = "waiting"  # waiting -> prepared -> running -> done (prepared -> waiting)
 
     def finish(self, response: bytes | None = None, error=None) -> None:
         self.response, self.error, self.state = response, error, "done"
@@ -90,9 +95,30 @@ class Model:
     fingerprint: str
     programs: dict[str, CompiledForward]
     executables: dict[str, list]
-    input_bytes: dict[str, list[int]]  # bucket -> exact data bytes of each input share
+    widths: list[tuple[int, ...]]  # per client input: its shape after (batch, length)
     digests: dict[str, str]
     owner_bytes: int
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        return [tuple(int(x) for x in k.split("x")) for k in self.programs]
+
+    @property
+    def max_rows(self) -> int:
+        return max(b for b, _ in self.buckets)
+
+    @property
+    def max_length(self) -> int:
+        return max(n for _, n in self.buckets)
+
+
+def share_kind(cluster: ClusterConfig) -> tuple[str, int, int]:
+    """(storage type, data type, bytes per element) of a client's input share under this
+    protocol, e.g. ``("aby3.AShr<FM64>", DT_F32, 16)``: what every query share must be."""
+    io = spu.Io(cluster.world_size, cluster.runtime_config())
+    share = io.make_shares(np.zeros((1, 1), np.float32), libspu.Visibility.VIS_SECRET)[0]
+    meta, words = to_array(share)
+    return meta.storage_type, meta.data_type, words.shape[-1]
 
 
 class Node:
@@ -112,12 +138,15 @@ class Node:
         self.stopping = threading.Event()
         # Known before the service opens: an upload may arrive while the link still forms.
         self.per_elem = bytes_per_element(cluster.runtime_config(), len(self.ids))
+        self.share_kind = share_kind(cluster)
         self.server = None
         self.tunnels = None
         self.lctx = None
         self.rt = None
         self._peers = {}
-        self.served = 0
+        self.served = 0  # executions run
+        self.executions = 0  # node 0: executions proposed (numbers them)
+        self.stats = Stats()  # node 0's are the service's figures
         self.receiving = 0  # query streams being read (they count against max_queue)
 
     # ------------------------------------------------------------------ start and stop
@@ -206,23 +235,29 @@ class Node:
         return transport.pack({"node": self.name, "digests": self.model.digests})
 
     def _parse_model(self, header: dict, blobs: list[bytes]) -> tuple[Model, list]:
-        programs, executables, input_bytes, digests = {}, {}, {}, {}
+        programs, executables, digests = {}, {}, {}
         i = 0
         for bucket, meta in header["programs"].items():
             n = len(meta["segments"])
             prog = CompiledForward.from_wire(meta, blobs[i:i + n])
             i += n
+            b, length = (int(x) for x in bucket.split("x"))
+            if any(tuple(s[:2]) != (b, length) for s in prog.input_shapes):
+                raise ValueError(f"bucket {bucket}'s program takes inputs {prog.input_shapes}")
             programs[bucket] = prog
             executables[bucket] = [seg.load() for seg in prog.segments]
-            input_bytes[bucket] = [math.prod(s) * self.per_elem for s in prog.input_shapes]
             digests[bucket] = program_digest(prog)
-        names = next(iter(programs.values())).param_names
-        if any(p.param_names != names for p in programs.values()):
+        first = next(iter(programs.values()))
+        if any(p.param_names != first.param_names for p in programs.values()):
             raise ValueError("the buckets' programs disagree on the parameters")
+        widths = [tuple(s[2:]) for s in first.input_shapes]
+        if any([tuple(s[2:]) for s in p.input_shapes] != widths for p in programs.values()):
+            raise ValueError("the buckets' programs disagree on the input widths")
         weight_shares = blobs_to_shares(header["counts"], blobs[i:])
-        if len(weight_shares) != len(names):
-            raise ValueError(f"{len(weight_shares)} weight shares for {len(names)} parameters")
-        return Model(str(header["fingerprint"]), programs, executables, input_bytes, digests,
+        if len(weight_shares) != len(first.param_names):
+            raise ValueError(f"{len(weight_shares)} weight shares for "
+                             f"{len(first.param_names)} parameters")
+        return Model(str(header["fingerprint"]), programs, executables, widths, digests,
                      sum(len(b) for b in blobs[i:])), weight_shares
 
     def _query(self, request_iterator, context) -> bytes:
@@ -232,12 +267,25 @@ class Node:
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           f"node {self.name} has no model yet (the service is starting); retry")
 
+        def shape_ok(header) -> str | None:
+            rows, length = header.get("rows"), header.get("length")
+            if not (isinstance(rows, int) and isinstance(length, int)) or rows < 1 or length < 1:
+                return "a query declares its 'rows' and 'length' (positive integers)"
+            if rows > model.max_rows:
+                return (f"a query of {rows} texts is larger than any served bucket (at most "
+                        f"{model.max_rows} texts an execution); split it into queries of at "
+                        f"most {model.max_rows} (Client.classify does)")
+            if length > model.max_length:
+                return (f"a query of {length} tokens is longer than any served bucket (at "
+                        f"most {model.max_length}); truncate the texts")
+            return None
+
         def sizes_ok(header) -> str | None:
-            bucket = header.get("bucket")
-            if bucket not in model.input_bytes:
-                return f"unknown bucket {bucket!r}; served: {sorted(model.input_bytes)}"
+            if why := shape_ok(header):
+                return why
             counts = header.get("counts")
-            want = model.input_bytes[bucket]
+            want = [header["rows"] * header["length"] * math.prod(w) * self.per_elem
+                    for w in model.widths]
             if not isinstance(counts, list) or len(counts) != len(want):
                 return "wrong number of input shares"
             sizes, k = header["sizes"], 0
@@ -247,13 +295,15 @@ class Node:
                 got = sum(sizes[k + 1:k + 1 + c])
                 if (sizes[k] > _MAX_META or c > 1 + data // _MIN_CHUNK
                         or not data <= got <= data + CHUNK_OVERHEAD * c):
-                    return f"input shares of bucket {bucket} must hold {data} bytes of data"
+                    return (f"input shares of {header['rows']}x{header['length']} must hold "
+                            f"{data} bytes of data")
                 k += 1 + c
             return None if k == len(sizes) else "bad share counts"
 
         with self.lock:  # refuse a full queue before reading any share
             waiting = self.receiving + sum(q.state != "done" for q in self.queries.values())
             if waiting >= self.cluster.max_queue:
+                self._count_failure("RESOURCE_EXHAUSTED")
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"queue full ({waiting} queries waiting at node {self.name}); "
                               "retry later")
@@ -269,7 +319,9 @@ class Node:
                 raise transport.FrameError("query_id must be 32 hex digits")
             header, blobs = transport.receive_stream(request_iterator, None, sizes_ok, header)
             shares = blobs_to_shares(header["counts"], blobs)
-        except (transport.FrameError, ValueError, StopIteration) as err:
+            self._check_shares(shares, header["rows"], header["length"], model)
+        except (transport.FrameError, ShareError, ValueError, StopIteration) as err:
+            self._count_failure("INVALID_ARGUMENT")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad query: {err}")
         finally:
             with self.lock:
@@ -277,12 +329,12 @@ class Node:
         with self.lock:
             if qid in self.queries:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"query {qid} was already sent")
-            q = Query(qid, header["bucket"], shares)
+            q = Query(qid, header["rows"], header["length"], shares)
             self.queries[qid] = q
             self.lock.notify_all()
         context.add_callback(lambda: self._forget(q))
         if self.leader:
-            self.work.put(("propose", q))
+            self.work.put(("wake",))
         remaining = context.time_remaining()
         q.done.wait(remaining if remaining is not None else None)
         if not q.done.is_set():
@@ -292,6 +344,19 @@ class Node:
             context.abort(*q.error)
         return q.response
 
+    def _check_shares(self, shares: list, rows: int, length: int, model: Model) -> None:
+        """Each share is of the declared shape and of this protocol's arithmetic kind, so
+        that joining it with other queries' shares cannot fail later, in the middle of a
+        batch (a broken share refused here never reaches an execution)."""
+        for share, width in zip(shares, model.widths, strict=True):
+            meta, words = to_array(share)
+            if words.shape[:-1] != (rows, length, *width):
+                raise ShareError(f"a share of shape {words.shape[:-1]} where "
+                                 f"{(rows, length, *width)} was declared")
+            if (meta.storage_type, meta.data_type, words.shape[-1]) != self.share_kind:
+                raise ShareError(f"a share of kind {meta.storage_type!r} where "
+                                 f"{self.share_kind[0]!r} is served")
+
     def _forget(self, q: Query) -> None:
         # The call ended (answered, cancelled, past its deadline). A query node 0 has already
         # prepared stays: every node must take part in a run node 0 may commit, and _run
@@ -299,48 +364,71 @@ class Node:
         with self.lock:
             if q.state == "waiting":
                 q.finish(error=(grpc.StatusCode.CANCELLED, "cancelled by the client"))
+                self._count_failure("CANCELLED")
             if q.state == "done":
                 self.queries.pop(q.qid, None)
 
+    def _count_failure(self, code: str) -> None:
+        if self.leader:
+            self.stats.fail(code)
+
     def _prepare(self, request: bytes, context) -> bytes:
+        """Node 0 proposes a batch: hold its queries for it, if every one has arrived here
+        (waiting up to ``share_wait_s`` for the stragglers); else say which are missing."""
         self._require(context, "node", name=self.ids[0])
-        qid = json.loads(request)["query_id"]
+        qids = json.loads(request)["queries"]
         deadline = time.monotonic() + self.cluster.share_wait_s
         with self.lock:
-            while (q := self.queries.get(qid)) is None:
+            while True:
+                missing = [k for k in qids if (q := self.queries.get(k)) is None
+                           or q.state != "waiting"]
                 left = deadline - time.monotonic()
-                if left <= 0 or self.stopping.is_set():
-                    return transport.pack({"ok": False, "reason": f"node {self.name} did not "
-                                           f"receive the shares within {self.cluster.share_wait_s}"
-                                           " s"})
+                if not missing or left <= 0 or self.stopping.is_set():
+                    break
                 self.lock.wait(min(left, 0.5))
-            if q.state != "waiting":
-                return transport.pack({"ok": False, "reason": f"query {qid} is {q.state} at "
-                                       f"node {self.name}"})
-            q.state = "prepared"
+            if missing:
+                return transport.pack({"ok": False, "missing": missing, "reason": (
+                    f"node {self.name} did not receive the shares of {len(missing)} of the "
+                    f"batch's queries within {self.cluster.share_wait_s} s")})
+            for k in qids:
+                self.queries[k].state = "prepared"
         return transport.pack({"ok": True})
 
     def _commit(self, request: bytes, context) -> bytes:
         self._require(context, "node", name=self.ids[0])
         msg = json.loads(request)
-        with self.lock:
-            q = self.queries.get(msg["query_id"])
         if msg["run"]:
-            # Run it even if its caller left: every node must take part in every committed run.
-            self.work.put(("run", q, msg["query_id"], msg["bucket"]))
-        elif q is not None and q.state != "done":
-            q.finish(error=(grpc.StatusCode.ABORTED, msg.get("reason", "aborted by node 0")))
+            # Run it even if some caller left: every node must take part in every committed run.
+            self.work.put(("run", msg))
+            return transport.pack({"ok": True})
+        with self.lock:  # not run: the queries wait for another batch
+            for k in msg["queries"]:
+                q = self.queries.get(k)
+                if q is not None and q.state == "prepared":
+                    q.state = "waiting"
+            for k in msg.get("drop", []):
+                q = self.queries.get(k)
+                if q is not None and q.state != "done":
+                    q.finish(error=(grpc.StatusCode.ABORTED, msg.get("reason", "dropped")))
+                    self.queries.pop(k, None)
         return transport.pack({"ok": True})
 
     def _info(self, request: bytes, context) -> bytes:
         self._require(context, "owner", "client", "node")
         model = self.model
-        return transport.pack({
+        with self.lock:
+            depth = sum(q.state in ("waiting", "prepared") for q in self.queries.values())
+        info = {
             "node": self.name, "rank": self.rank, "pid": os.getpid(), "ready": model is not None,
             "fingerprint": model.fingerprint if model else None,
             "buckets": sorted(model.programs) if model else [],
             "program_digests": model.digests if model else {},
-            "served": self.served, "tunnel_refusals": self.tunnels.refusals})
+            "served": self.served, "tunnel_refusals": self.tunnels.refusals,
+            "queue_depth": depth, "uptime_s": round(time.time() - self.stats.started, 1),
+            **process_figures()}
+        if self.leader:
+            info["stats"] = self.stats.snapshot()
+        return transport.pack(info)
 
     def _shutdown(self, request: bytes, context) -> bytes:
         self._require(context, "owner")
@@ -363,10 +451,22 @@ class Node:
     # ------------------------------------------------------------------ the MPC thread
 
     def serve_forever(self) -> None:
-        """Runs uploads and queries in order until stopped; raises NodeFailure on MPC errors."""
+        """Runs uploads and executions in order until stopped; raises NodeFailure on MPC errors.
+
+        Node 0 also batches here: after every event it plans the next execution from the
+        queries waiting (batching.py) and runs it when it is full or its delay is up.
+        """
         while not self.stopping.is_set():
+            timeout = 0.5
+            if self.leader and self.model is not None:
+                plan = self._plan()
+                if plan is not None and plan.run_now:
+                    self._lead(plan)
+                    continue
+                if plan is not None:
+                    timeout = min(timeout, max(plan.wait_s, 0.001))
             try:
-                item = self.work.get(timeout=0.5)
+                item = self.work.get(timeout=timeout)
             except queue.Empty:
                 continue
             kind = item[0]
@@ -374,10 +474,8 @@ class Node:
                 return
             if kind == "load":
                 self._load(*item[1:])
-            elif kind == "propose":
-                self._lead(item[1])
             elif kind == "run":
-                self._run(*item[1:])
+                self._run(item[1])
 
     def _load(self, model: Model, weight_shares: list, done) -> None:
         names = next(iter(model.programs.values())).param_names
@@ -392,60 +490,98 @@ class Node:
             self._peers[j] = transport.channel(f"{node.io[0]}:{node.io[1]}", node.id, self.ident)
         return self._peers[j]
 
-    def _lead(self, q: Query) -> None:
+    def _plan(self) -> Plan | None:
         with self.lock:
-            if q.state != "waiting":
-                return  # the client left before its turn
-            q.state = "prepared"
+            waiting = [Waiting(q.qid, q.rows, q.length, q.arrived)
+                       for q in self.queries.values() if q.state == "waiting"]
+        return plan_batch(waiting, self.model.buckets, time.monotonic(),
+                          self.cluster.max_batch_delay_s, self.cluster.batching)
+
+    def _lead(self, plan: Plan) -> None:
+        """Node 0: prepare the planned batch on every node, then commit and run it; queries
+        a node did not receive are dropped (their clients get a retriable error) and the
+        rest wait for the next plan."""
+        with self.lock:
+            queries = [self.queries.get(k) for k in plan.qids]
+            if any(q is None or q.state != "waiting" for q in queries):
+                return  # a client left since the plan: plan again
+            for q in queries:
+                q.state = "prepared"
         followers = range(1, len(self.ids))
-        msg = json.dumps({"query_id": q.qid}).encode()
+        msg = json.dumps({"queries": list(plan.qids)}).encode()
         calls = [transport.unary(self._peer(j), "Prepare").future(
             msg, timeout=self.cluster.share_wait_s + 10) for j in followers]
-        reasons = []
+        missing, reasons = set(), []
         for j, call in zip(followers, calls, strict=True):
             try:
                 reply, _ = transport.unpack(call.result())
                 if not reply.get("ok"):
+                    missing.update(reply.get("missing", plan.qids))
                     reasons.append(reply.get("reason", f"node {self.ids[j]} refused"))
             except grpc.RpcError as err:
+                missing.update(plan.qids)
                 reasons.append(f"node {self.ids[j]} unreachable: {transport.error_text(err)}")
-        run = not reasons
-        commit = json.dumps({"query_id": q.qid, "bucket": q.bucket, "run": run,
-                             "reason": "; ".join(reasons)}).encode()
+        self.executions += 1
+        run = not missing
+        b, n = plan.bucket
+        commit = {"execution": self.executions, "run": run, "bucket": f"{b}x{n}",
+                  "queries": list(plan.qids), "drop": sorted(missing),
+                  "reason": "; ".join(reasons) + "; send the query again"}
+        encoded = json.dumps(commit).encode()
         for j in followers:
             try:
-                transport.unary(self._peer(j), "Commit")(commit, timeout=30)
+                transport.unary(self._peer(j), "Commit")(encoded, timeout=30)
             except grpc.RpcError as err:
                 if run:
-                    q.finish(error=(grpc.StatusCode.UNAVAILABLE,
-                                    f"node {self.ids[j]} unreachable; retry"))
-                    raise NodeFailure(f"node {self.ids[j]} did not take the commit of a query: "
-                                      f"{transport.error_text(err)}") from None
+                    for q in queries:
+                        q.finish(error=(grpc.StatusCode.UNAVAILABLE,
+                                        f"node {self.ids[j]} unreachable; retry"))
+                        self._count_failure("UNAVAILABLE")
+                    raise NodeFailure(f"node {self.ids[j]} did not take the commit of a "
+                                      f"batch: {transport.error_text(err)}") from None
         if run:
-            self._run(q, q.qid, q.bucket)
-        else:
-            q.finish(error=(grpc.StatusCode.ABORTED, "; ".join(reasons)))
+            self._run(commit)
+            return
+        with self.lock:
+            for q in queries:
+                if q.qid in missing:
+                    q.finish(error=(grpc.StatusCode.ABORTED, commit["reason"]))
+                    self._count_failure("ABORTED")
+                    self.queries.pop(q.qid, None)
+                elif q.state == "prepared":
+                    q.state = "waiting"
 
-    def _run(self, q: Query | None, qid: str, bucket: str) -> None:
+    def _run(self, batch: dict) -> None:
+        """Runs one committed execution: joins its queries' input shares (locally), runs the
+        bucket's program, and answers each query with only its own rows of the output."""
         model = self.model
-        if q is None or not q.shares:
+        with self.lock:
+            queries = [self.queries.get(k) for k in batch["queries"]]
+        if any(q is None or not q.shares for q in queries):
             # Node 0 committed a query whose shares this node no longer holds: the nodes can
             # no longer run in step. Fail loudly; the service restarts the nodes.
-            raise NodeFailure(f"node {self.name} was told to run query {qid} without its "
-                              "shares")
-        q.state = "running"
+            raise NodeFailure(f"node {self.name} was told to run execution "
+                              f"{batch['execution']} without all its queries' shares")
+        bucket = batch["bucket"]
+        b, n = (int(x) for x in bucket.split("x"))
         prog = model.programs[bucket]
-        for name, share in zip(prog.input_names, q.shares, strict=True):
-            self.rt.set_var(name, share)
+        start = time.perf_counter()
+        started = time.monotonic()
+        for q in queries:
+            q.state = "running"
+        for i, name in enumerate(prog.input_names):
+            self.rt.set_var(name, join_rows([q.shares[i] for q in queries], b, n))
+        join_s = time.perf_counter() - start
         log = self.dir / "query.log"
         setup_spu_log(log)
-        start = time.perf_counter()
         try:
             run_segments(self.rt, prog, model.executables[bucket])
             out = self.rt.get_var(prog.output_name)
         except RuntimeError as err:
-            q.finish(error=(grpc.StatusCode.UNAVAILABLE,
-                            "a compute node failed during the query; retry"))
+            for q in queries:
+                q.finish(error=(grpc.StatusCode.UNAVAILABLE,
+                                "a compute node failed during the query; retry"))
+                self._count_failure("UNAVAILABLE")
             raise NodeFailure(f"node {self.name}: the MPC run failed (another node down?): "
                               f"{str(err).splitlines()[0][:300]}") from None
         finally:
@@ -455,16 +591,29 @@ class Node:
                 except Exception:
                     pass
         wall = time.perf_counter() - start
-        setup_spu_log(self.dir / "idle.log")  # flushes the query's profile
+        setup_spu_log(self.dir / "idle.log")  # flushes the execution's profile
         profile = profile_of(log, wall)
         log.unlink(missing_ok=True)
         profile["owner_bytes"] = model.owner_bytes
-        counts, blobs = shares_to_blobs([out])
+        rows = sum(q.rows for q in queries)
+        execution = {"execution": batch["execution"], "bucket": bucket, "rows_used": rows,
+                     "rows_padded": b - rows, "queries": len(queries),
+                     "join_s": round(join_s, 4), "run_s": round(wall, 4)}
         self.served += 1
-        q.finish(transport.pack({"query_id": qid, "node": self.name, "counts": counts,
-                                 "profile": profile}, blobs))
+        if self.leader:
+            self.stats.batch(rows, b - rows)
+        for q, piece in zip(queries, split_rows(out, [q.rows for q in queries]), strict=True):
+            counts, blobs = shares_to_blobs([piece])
+            wait = started - q.arrived
+            q.finish(transport.pack({"query_id": q.qid, "node": self.name, "counts": counts,
+                                     "profile": profile,
+                                     "batch": {**execution, "rows": q.rows,
+                                               "wait_s": round(wait, 4)}}, blobs))
+            if self.leader:
+                self.stats.answer(time.monotonic() - q.arrived)
         with self.lock:
-            self.queries.pop(qid, None)
+            for q in queries:
+                self.queries.pop(q.qid, None)
 
 
 def node_main(cluster: ClusterConfig, rank: int, ident: Identity,
