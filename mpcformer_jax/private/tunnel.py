@@ -173,6 +173,11 @@ class Tunnels:
         async def stop():
             for s in self._servers:
                 s.close()
+            # Open pipes end here, not as "Task was destroyed but it is pending" at exit.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         try:
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)

@@ -1,0 +1,85 @@
+"""Long life and faults under load, on the tiny model (experiments/serve_soak.py does the
+same on the default student): every request answered once, by its own rows; the nodes'
+memory, threads and file descriptors flat over 500 queries; a node SIGKILLed under load
+costs a retriable error and a restart, never a lost, doubled or misdelivered answer.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from experiments.serve_soak import (
+    RETRIABLE,
+    Request,
+    make_requests,
+    plaintext_answers,
+    soak,
+)
+from mpcformer_jax.private import Service, load_config
+
+TINY_WORDS = ("a the film movie good bad great awful plot acting is was and but not very "
+              "dull gripping fun boring").split()
+BUCKETS = "1x8,8x8,4x16"
+
+
+def _service(model, state, **service):
+    data = load_config("aby3_3pc").to_dict()
+    data["service"] = {"max_queue": 32, "share_wait_s": 5, **service}
+    svc = Service(load_config(data), model, state, BUCKETS)
+    svc.start()
+    watcher = threading.Thread(target=svc.wait, daemon=True)  # restarts dead nodes
+    watcher.start()
+    return svc, watcher
+
+
+def _requests(model, n, seed, max_rows):
+    texts = make_requests(n, max_rows, 12, seed, TINY_WORDS)
+    expected = plaintext_answers(str(model), texts, [8, 16])
+    return [Request(i, t, e) for i, (t, e) in enumerate(zip(texts, expected, strict=True))]
+
+
+def _stop(svc, watcher):
+    svc.request_stop()
+    watcher.join(30)
+    svc.stop()
+
+
+def _clean(result):
+    assert result["lost"] == 0 and result["duplicated"] == 0
+    assert result["misdelivered"] == 0 and not result["fatal_errors"], result
+    assert set(result["retriable_errors"]) <= RETRIABLE
+
+
+@pytest.mark.slow  # 500 queries through SPU node processes (about 3 minutes)
+def test_500_queries_in_one_lifetime_memory_flat(tiny_student, tmp_path):
+    svc, watcher = _service(tiny_student, tmp_path / "state")
+    try:
+        result = soak(str(svc.state), _requests(tiny_student, 500, 0, 2), clients=8)
+    finally:
+        _stop(svc, watcher)
+    _clean(result)
+    assert result["answered"] == 500 and result["service"]["restarts"] == 0
+    assert result["retriable_errors"] == {}  # nothing failed, nothing was retried
+    assert result["service"]["mean_rows_per_batch"] > 2  # the clients' queries were batched
+    for node, m in result["memory"].items():  # from query 50 to query 500
+        assert m["pid_same"], node
+        assert m["rss_growth"] <= 0.05, (node, m)
+        assert m["threads"][1] <= m["threads"][0], (node, m)
+        assert m["fds"][1] <= m["fds"][0], (node, m)
+
+
+@pytest.mark.slow  # SPU node processes, one killed and restarted
+def test_short_soak_with_a_node_killed_and_a_client_gone(tiny_student, tmp_path):
+    svc, watcher = _service(tiny_student, tmp_path / "state", max_batch_delay_ms=100)
+    try:
+        result = soak(str(svc.state), _requests(tiny_student, 60, 1, 3), clients=4,
+                      kill_every_s=6, max_kills=1, disconnect_every=20)
+    finally:
+        _stop(svc, watcher)
+    _clean(result)
+    assert result["answered"] == 60
+    assert len(result["kills"]) == 1 and result["service"]["restarts"] == 1
+    assert result["kills"][0]["recovery_s"] is not None
+    assert sum(result["retriable_errors"].values()) >= 1  # the kill and the leaving client
