@@ -516,11 +516,13 @@ class Node:
             try:
                 reply, _ = transport.unpack(call.result())
                 if not reply.get("ok"):
-                    missing.update(reply.get("missing", plan.qids))
-                    reasons.append(reply.get("reason", f"node {self.ids[j]} refused"))
-            except grpc.RpcError as err:
+                    named = set(reply.get("missing") or ()) & set(plan.qids)
+                    missing.update(named or plan.qids)
+                    reasons.append(str(reply.get("reason", f"node {self.ids[j]} refused")))
+            except (grpc.RpcError, transport.FrameError) as err:
                 missing.update(plan.qids)
-                reasons.append(f"node {self.ids[j]} unreachable: {transport.error_text(err)}")
+                text = transport.error_text(err) if isinstance(err, grpc.RpcError) else err
+                reasons.append(f"node {self.ids[j]} unreachable: {text}")
         self.executions += 1
         run = not missing
         b, n = plan.bucket
@@ -602,6 +604,10 @@ class Node:
         self.served += 1
         if self.leader:
             self.stats.batch(rows, b - rows)
+            waits = [started - q.arrived for q in queries]
+            print(f"spu_run node {self.name}: execution {batch['execution']}: bucket {bucket}, "
+                  f"{len(queries)} queries, {rows} rows used, {b - rows} padded, waited up to "
+                  f"{max(waits):.2f} s, ran {wall:.2f} s", file=sys.stderr, flush=True)
         for q, piece in zip(queries, split_rows(out, [q.rows for q in queries]), strict=True):
             counts, blobs = shares_to_blobs([piece])
             wait = started - q.arrived
