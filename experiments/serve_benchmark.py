@@ -173,8 +173,8 @@ def render(doc: dict) -> str:
         lines.append(f"Throughput, {t['clients']} concurrent clients x {t['queries_each']} "
                      f"one-text queries: {t['texts_per_s']:.3f} texts/s, latency p50 "
                      f"{t['latency_p50_s']:.1f} s, p95 {t['latency_p95_s']:.1f} s, "
-                     f"{t['answered']} answered, {len(t['errors'])} errors (queued: node 0 "
-                     "runs one query at a time).")
+                     f"{t['answered']} answered, {len(t['errors'])} errors (buckets 1x16 "
+                     "and 1x32 only; experiments.serve_batching measures batching).")
     return "\n".join(lines) + "\n"
 
 

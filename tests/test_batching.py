@@ -41,6 +41,10 @@ def test_plan_waits_for_company_then_runs():
     assert plan.bucket == (1, 8) and not plan.run_now and plan.wait_s == pytest.approx(0.04)
     plan = plan_batch([_w("a", 1, 8, arrived=10.0)], buckets, 10.06, 0.05)
     assert plan.run_now and plan.qids == ("a",)
+    # A query that waited out an execution waits the delay again once node 0 is free: the
+    # clients just answered are about to send their next queries.
+    plan = plan_batch([_w("a", 1, 8, arrived=10.0)], buckets, 40.01, 0.05, free_since=40.0)
+    assert not plan.run_now and plan.wait_s == pytest.approx(0.04)
     full = [_w(str(k), 2, 8) for k in range(4)]  # 8 rows: the 8x8 bucket is full
     plan = plan_batch(full, buckets, 0.0, 10.0)
     assert plan.run_now and plan.bucket == (8, 8) and plan.rows == 8 and plan.padded_rows == 0

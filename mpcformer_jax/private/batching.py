@@ -49,11 +49,18 @@ class Plan:
 
 
 def plan_batch(waiting: Sequence[Waiting], buckets: Sequence[tuple[int, int]], now: float,
-               max_delay_s: float, batching: bool = True) -> Plan | None:
+               max_delay_s: float, batching: bool = True,
+               free_since: float = float("-inf")) -> Plan | None:
     """The plan for the queue ``waiting`` (arrival order), or None when it is empty.
 
     Every query fits some bucket (the node refuses others on arrival). With ``batching``
     off, each query runs alone in the cheapest bucket that holds it (today's queue).
+
+    ``free_since``: when node 0 finished its last execution. The delay runs from the later
+    of that and the oldest arrival: the clients an execution just answered send their next
+    queries within milliseconds, and a query that waited out the execution must not leave
+    alone just before they arrive. (Without this, 8 clients settled into alternating
+    executions of 7 rows and of 1: measured, 0.19 texts/s against 0.31 for full batches.)
     """
     if not waiting:
         return None
@@ -76,7 +83,7 @@ def plan_batch(waiting: Sequence[Waiting], buckets: Sequence[tuple[int, int]], n
     # not fit with it (more arrivals queue behind that one: waiting cannot grow the batch).
     largest = max(b for b, n in buckets if n >= max(q.length for q in waiting[:taken]))
     full = not batching or rows >= largest or taken < len(waiting)
-    wait = max(0.0, waiting[0].arrived + max_delay_s - now)
+    wait = max(0.0, max(waiting[0].arrived, free_since) + max_delay_s - now)
     return Plan(bucket, tuple(q.qid for q in waiting[:taken]), rows, full or wait == 0.0,
                 0.0 if full else wait)
 

@@ -8,7 +8,7 @@ A config file looks like (``spu_configs/aby3_3pc.json``)::
      "compiler": {"enable_optimize_denominator_with_broadcast": true},
      "link": {"connect_retry_times": 30, "connect_retry_interval_ms": 200,
               "recv_timeout_ms": 30000},
-     "service": {"max_queue": 32, "share_wait_s": 30, "max_batch_delay_ms": 50},
+     "service": {"max_queue": 32, "share_wait_s": 30, "max_batch_delay_ms": 200},
      "timeout_s": 60}
 
 A node's ``link`` is where it accepts the mutual-TLS tunnels of the other nodes (node <-> node
@@ -48,9 +48,9 @@ _LINK_KEYS = {"connect_retry_times": int, "connect_retry_interval_ms": int,
               "brpc_channel_protocol": str}
 _SERVICE_KEYS = {"max_queue": int, "share_wait_s": (int, float),
                  "max_batch_delay_ms": (int, float), "batching": bool}
-# 50 ms: short beside one execution (about 1 s for the tiny model, 10-30 s for MiniLM on 2
-# cores), long enough for clients that start together to share one.
-_SERVICE_DEFAULTS = {"max_queue": 32, "share_wait_s": 30.0, "max_batch_delay_ms": 50.0,
+# 200 ms: short beside one execution (10-30 s for MiniLM on 2 cores), long enough for
+# clients that start together, or that one execution just answered, to share the next.
+_SERVICE_DEFAULTS = {"max_queue": 32, "share_wait_s": 30.0, "max_batch_delay_ms": 200.0,
                      "batching": True}
 # Set by this package, not by a config: profiling is how the cost report is measured.
 _RESERVED_RUNTIME = {"protocol", "enable_pphlo_profile", "enable_hal_profile"}

@@ -7,11 +7,15 @@ A node sees shares only. Its life:
    collective among the nodes, done before serving: see ``_connect``);
 2. accept one upload from the *owner*: the executables of every (batch, length) bucket and
    this node's share of every weight;
-3. answer *client* queries. Every node must run the same query at the same time, so node 0
-   orders them: it takes queries in the order their shares reached it, asks every other node
-   whether it holds that query's shares too (``Prepare``, waiting up to ``share_wait_s``),
-   then tells them to run it (``Commit``) or to drop it, and runs it itself. A node returns
-   only its share of the logits, to the client that asked, on the call that asked.
+3. answer *client* queries, several clients' at a time. Every node must run the same
+   execution at the same time, so node 0 plans them (batching.py): from the queries in the
+   order their shares reached it, a prefix that fits one bucket, as soon as it cannot grow or
+   ``max_batch_delay_ms`` after the oldest arrived. It asks every other node to hold those
+   queries (``Prepare``, waiting up to ``share_wait_s`` for late shares), then tells them to
+   run the batch (``Commit``) or, if some node lacks a query, drops that query (a retriable
+   error for its client) and plans again. Each node joins the batch's input shares locally
+   (shares.py), runs the bucket's program and returns each query only its own rows of its
+   share of the logits, to the client that asked, on the call that asked.
 
 Only the MPC thread (the process's main thread) touches the SPU runtime; gRPC handlers hand
 it work through a queue. If an MPC run fails (a peer died), the node answers the query with
@@ -147,6 +151,7 @@ class Node:
         self.served = 0  # executions run
         self.executions = 0  # node 0: executions proposed (numbers them)
         self.stats = Stats()  # node 0's are the service's figures
+        self.free_since = float("-inf")  # node 0: when its last execution ended
         self.receiving = 0  # query streams being read (they count against max_queue)
 
     # ------------------------------------------------------------------ start and stop
@@ -495,7 +500,8 @@ class Node:
             waiting = [Waiting(q.qid, q.rows, q.length, q.arrived)
                        for q in self.queries.values() if q.state == "waiting"]
         return plan_batch(waiting, self.model.buckets, time.monotonic(),
-                          self.cluster.max_batch_delay_s, self.cluster.batching)
+                          self.cluster.max_batch_delay_s, self.cluster.batching,
+                          self.free_since)
 
     def _lead(self, plan: Plan) -> None:
         """Node 0: prepare the planned batch on every node, then commit and run it; queries
@@ -620,6 +626,7 @@ class Node:
         with self.lock:
             for q in queries:
                 self.queries.pop(q.qid, None)
+        self.free_since = time.monotonic()
 
 
 def node_main(cluster: ClusterConfig, rank: int, ident: Identity,
