@@ -47,27 +47,10 @@ def text_for(client: int, query: int) -> str:
 
 
 def expected_logits(model: str, texts: list[str], length: int) -> dict[str, object]:
-    import jax
-    import numpy as np
+    from mpcformer_jax.private.model import plaintext_classifier
 
-    from mpcformer_jax.models import load_pretrained
-    from mpcformer_jax.private.model import (
-        client_table,
-        encode_client_inputs,
-        make_private_forward,
-        prepare,
-        tokenize,
-    )
-
-    config, params, tokenizer = load_pretrained(model)
-    config, params = prepare(config, params)
-    table = client_table(config)
-    forward = jax.jit(make_private_forward(config))
-    out = {}
-    for t in texts:
-        ids, mask = tokenize(tokenizer, [t], length)
-        out[t] = np.asarray(forward(params, *encode_client_inputs(config, ids, mask, table)))[0]
-    return out
+    logits = plaintext_classifier(model)
+    return {t: logits([t], length)[0] for t in texts}
 
 
 def clients_run(state: str, clients: int, queries: int, expected: dict) -> dict:

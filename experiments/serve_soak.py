@@ -67,28 +67,14 @@ def make_requests(n: int, max_rows: int, max_words: int, seed: int, words=WORDS
 def plaintext_answers(model_dir: str, requests: list[list[str]], lengths: list[int]):
     """The prepared model's plaintext logits for each request, at the length its client
     will pad to (the smallest served length that holds it), as the owner serves it."""
-    import jax
-    import numpy as np
+    from mpcformer_jax.private.model import plaintext_classifier
 
-    from mpcformer_jax.models import load_pretrained
-    from mpcformer_jax.private.model import (
-        client_table,
-        encode_client_inputs,
-        make_private_forward,
-        prepare,
-        tokenize,
-    )
-
-    config, params, tokenizer = load_pretrained(model_dir)
-    config, params = prepare(config, params)
-    table = client_table(config)
-    forward = jax.jit(make_private_forward(config))
+    logits = plaintext_classifier(model_dir)
     out = []
     for texts in requests:
-        need = max(len(t) for t in tokenizer(texts)["input_ids"])
-        length = next((n for n in sorted(lengths) if n >= need), max(lengths))
-        ids, mask = tokenize(tokenizer, texts, length)
-        out.append(np.asarray(forward(params, *encode_client_inputs(config, ids, mask, table))))
+        need = max(len(t) for t in logits.tokenizer(texts)["input_ids"])
+        out.append(logits(texts, next((n for n in sorted(lengths) if n >= need),
+                                      max(lengths))))
     return out
 
 

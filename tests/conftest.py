@@ -63,26 +63,21 @@ def tiny_student(tmp_path_factory):
     (root / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
     config = BertConfig.tiny(hidden_act="quad", softmax_act="2quad", vocab_size=100)
-    return save_pretrained(root / "model", config, init_params(config, 1), tokenizer)
+    # Kernels 10x the init scale: at BERT's 0.02 every text gets nearly the same logits
+    # (1e-5 apart), so an answer handed to the wrong client would pass a 0.05 check. Here
+    # texts' logits lie 0.1-0.3 apart and the private forward stays within 0.01 of plaintext.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 10 if "kernel" in jax.tree_util.keystr(path) else x,
+        init_params(config, 1))
+    return save_pretrained(root / "model", config, params, tokenizer)
 
 
 def plaintext_logits(model_dir, texts, length):
     """The plaintext forward of the prepared model (what the owner serves) on exactly what a
     client shares at ``length`` tokens."""
-    from mpcformer_jax.models import load_pretrained
-    from mpcformer_jax.private.model import (
-        client_table,
-        encode_client_inputs,
-        make_private_forward,
-        prepare,
-        tokenize,
-    )
+    from mpcformer_jax.private.model import plaintext_classifier
 
-    config, params, tokenizer = load_pretrained(model_dir)
-    config, params = prepare(config, params)
-    ids, mask = tokenize(tokenizer, texts, length)
-    inputs = encode_client_inputs(config, ids, mask, client_table(config))
-    return np.asarray(make_private_forward(config)(params, *inputs))
+    return plaintext_classifier(model_dir)(texts, length)
 
 
 def make_synthetic_split(n: int, seed: int, vocab: int = 128, max_len: int = 24):

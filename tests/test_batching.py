@@ -163,6 +163,10 @@ def _together(state, texts_per_client):
 @pytest.mark.slow  # starts SPU node processes
 def test_six_clients_in_one_execution_get_exactly_their_own_rows(batched, tiny_student):
     texts = [[f"{WORDS[k]} film {WORDS[k + 6]}"] for k in range(5)] + [["dull", "fun plot"]]
+    plains = [plaintext_logits(tiny_student, t, 8) for t in texts]
+    for i in range(len(texts)):  # a swapped answer would show: every pair is told apart
+        for j in range(i):
+            assert np.abs(plains[i][0] - plains[j][0]).max() > 2 * TOL, (texts[i], texts[j])
     with Client(batched.state) as watcher:
         before = watcher.status()
     results = _together(batched.state, texts)
@@ -170,9 +174,8 @@ def test_six_clients_in_one_execution_get_exactly_their_own_rows(batched, tiny_s
     assert len(executions) == 1  # all six queries ran in one execution
     for k, result in enumerate(results):
         assert len(result.predictions) == len(texts[k])  # its rows, not the batch's 8
-        plain = plaintext_logits(tiny_student, texts[k], 8)
         private = np.array([p.logits for p in result.predictions])
-        assert np.abs(private - plain).max() < TOL
+        assert np.abs(private - plains[k]).max() < TOL
         assert [p.text for p in result.predictions] == texts[k]
         q = result.queries[0]
         assert q["bucket"] == "8x8" and q["rows_used"] == 7 and q["rows_padded"] == 1

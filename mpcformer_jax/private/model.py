@@ -154,6 +154,27 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarr
 
 
 
+def plaintext_classifier(model_dir):
+    """``logits(texts, length)``: the plaintext forward of the model a service serves (the
+    prepared one) on exactly what a client shares at ``length`` tokens. What tests and
+    benchmarks compare private answers with."""
+    import jax
+
+    from mpcformer_jax.models import load_pretrained
+
+    config, params, tokenizer = load_pretrained(model_dir)
+    config, params = prepare(config, params)
+    table = client_table(config)
+    forward = jax.jit(make_private_forward(config))
+
+    def logits(texts: Sequence[str], length: int) -> np.ndarray:
+        ids, mask = tokenize(tokenizer, texts, length)
+        return np.asarray(forward(params, *encode_client_inputs(config, ids, mask, table)))
+
+    logits.tokenizer = tokenizer
+    return logits
+
+
 def compile_for(config: BertConfig, params, batch_size: int, length: int, copts,
                 attribution: str = "segments"):
     """The forward of a ``prepare``d ``config`` compiled for SPU at one (batch, length)
