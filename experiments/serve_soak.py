@@ -15,9 +15,10 @@ answered; every error must be a retriable one. The report counts, over all reque
   than 0.05 from the plaintext of its own texts);
 
 and, for each kill, the recovery time: from the kill to the first answer after the service
-is ready again. Node memory (RSS), threads and file descriptors are sampled from
-``status`` after query 50 and at the end (in a run without kills, the nodes are the same
-processes throughout; ``early`` is the sample after query 50). Writes ``<out>.json`` and
+is ready again. Node memory, threads and file descriptors are sampled from ``status``
+after query 50 and at the end (in a run without kills the nodes are the same processes
+throughout). The memory compared is each node's settled RSS: read right after its last
+execution, once freed memory is returned to the OS. Writes ``<out>.json`` and
 ``<out>.md``; the summary on stdout.
 """
 
@@ -190,8 +191,13 @@ def soak(state: str, requests: list[Request], clients: int, kill_every_s: float 
 def _node_figures(client) -> dict:
     status = client.status()
     return {"answered": status["answered"], "nodes": {
-        n["node"]: {k: n.get(k) for k in ("pid", "rss_bytes", "threads", "fds")}
+        n["node"]: {k: n.get(k) for k in ("pid", "rss_bytes", "rss_settled_bytes", "threads",
+                                          "fds")}
         for n in status["nodes"]}}
+
+
+def _growth(a: dict, b: dict, key: str) -> float | None:
+    return round(b[key] / a[key] - 1, 4) if a.get(key) and b.get(key) else None
 
 
 def _account(requests: list[Request], kills, samples, status, wall, fatal) -> dict:
@@ -222,8 +228,12 @@ def _account(requests: list[Request], kills, samples, status, wall, fatal) -> di
     memory = None
     if "early" in samples and samples["end"]:
         a, b = samples["early"]["nodes"], samples["end"]["nodes"]
+        # The settled RSS (right after an execution, freed memory returned to the OS) is the
+        # one that shows a leak; RSS at the sampling moment also holds a running execution's
+        # buffers, so it is reported beside it.
         memory = {n: {"pid_same": a[n]["pid"] == b[n]["pid"],
-                      "rss_growth": round(b[n]["rss_bytes"] / a[n]["rss_bytes"] - 1, 4),
+                      "rss_growth": _growth(a[n], b[n], "rss_settled_bytes"),
+                      "rss_now_growth": _growth(a[n], b[n], "rss_bytes"),
                       "threads": [a[n]["threads"], b[n]["threads"]],
                       "fds": [a[n]["fds"], b[n]["fds"]]} for n in a if n in b}
     return {"requests": len(requests), "texts": texts, "answered": len(requests) - len(lost),
@@ -259,10 +269,12 @@ def render(doc: dict) -> str:
         lines += ["", "Recovery after each kill (kill to the next answer): " + ", ".join(
             f"{k['node']} {k['recovery_s']} s" for k in r["kills"])]
     if r["memory"]:
-        lines += ["", "| node | same process | RSS growth, query 50 to the end | threads | "
-                  "fds |", "|---|---|---:|---|---|"]
+        pct = lambda x: "-" if x is None else f"{x:+.2%}"  # noqa: E731
+        lines += ["", "| node | same process | settled RSS growth, query 50 to the end | "
+                  "RSS at the sampling moment | threads | fds |", "|---|---|---:|---:|---|---|"]
         for n, m in r["memory"].items():
-            lines.append(f"| {n} | {m['pid_same']} | {m['rss_growth']:+.2%} | "
+            lines.append(f"| {n} | {m['pid_same']} | {pct(m['rss_growth'])} | "
+                         f"{pct(m.get('rss_now_growth'))} | "
                          f"{m['threads'][0]} -> {m['threads'][1]} | "
                          f"{m['fds'][0]} -> {m['fds'][1]} |")
     return "\n".join(lines) + "\n"

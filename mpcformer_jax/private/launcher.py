@@ -70,11 +70,18 @@ def _role_entry(role: str, target: str, kwargs: dict, parent: int) -> None:
 
     module, name = target.rsplit(":", 1)
     fn = getattr(importlib.import_module(module), name)
+    code = 0
     try:
         fn(**kwargs)
     except Exception as err:
         print(f"spu_run {role}: error: {short_error(err)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
+    # The role has cleaned up after itself. Leave without the interpreter's finalisation:
+    # joining gRPC's worker threads and running brpc's and yacl's destructors can block on a
+    # peer that is already gone.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def start_role(role: str, target: str, kwargs: dict) -> mp.Process:

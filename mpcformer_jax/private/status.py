@@ -67,11 +67,14 @@ def service_status(state_dir: str | Path, ident: Identity, timeout_s: float = 10
         "restarts": endpoint.get("restarts", 0), "generation": endpoint.get("generation"),
         "queue_depth": leader.get("queue_depth"),
         **merge_stats(endpoint.get("carried"), leader.get("stats")),
-        "nodes": [{k: n.get(k) for k in ("node", "pid", "ready", "uptime_s", "rss_bytes",
-                                        "threads", "fds", "served", "queue_depth",
-                                        "program_digests", "error") if k in n}
-                  for n in nodes],
+        "nodes": [{k: n.get(k) for k in _NODE_FIGURES if k in n} for n in nodes],
     }
+
+
+# Per node, aggregates only. rss_settled_bytes: RSS right after the node's last execution,
+# freed memory returned to the OS (the figure that shows a leak).
+_NODE_FIGURES = ("node", "pid", "ready", "uptime_s", "rss_bytes", "rss_settled_bytes",
+                 "threads", "fds", "served", "queue_depth", "program_digests", "error")
 
 
 def format_status(status: dict) -> str:

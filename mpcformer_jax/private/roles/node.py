@@ -26,6 +26,7 @@ nodes (service.py).
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import json
 import math
 import os
@@ -45,7 +46,14 @@ import spu
 import spu.libspu as libspu
 
 from mpcformer_jax.private import transport
-from mpcformer_jax.private.batching import Plan, Stats, Waiting, plan_batch, process_figures
+from mpcformer_jax.private.batching import (
+    Plan,
+    Stats,
+    Waiting,
+    plan_batch,
+    process_figures,
+    release_free_memory,
+)
 from mpcformer_jax.private.config import ClusterConfig
 from mpcformer_jax.private.program import CompiledForward, program_digest
 from mpcformer_jax.private.runtime import (
@@ -66,6 +74,7 @@ _QID = re.compile(r"[0-9a-f]{32}")
 _MAX_META = 4096  # bytes of one share's metadata (shape, type); the data is counted exactly
 _MIN_CHUNK = 1 << 16  # a share arrives in few chunks; this bounds how many a caller may claim
 _SHUTDOWN_GRACE_S = 5.0
+_TEARDOWN_S = 15.0  # a stopping node's longest teardown
 
 
 class NodeFailure(RuntimeError):
@@ -153,6 +162,7 @@ class Node:
         self.stats = Stats()  # node 0's are the service's figures
         self.free_since = float("-inf")  # node 0: when its last execution ended
         self.receiving = 0  # query streams being read (they count against max_queue)
+        self.settled_rss = None  # RSS right after the last execution, freed memory returned
 
     # ------------------------------------------------------------------ start and stop
 
@@ -204,11 +214,12 @@ class Node:
             self.server.stop(grace=1).wait(2)
         for ch in self._peers.values():
             ch.close()
-        if self.lctx is not None:
-            try:
-                self.lctx.stop_link()
-            except Exception:
-                pass
+        # No ``lctx.stop_link()``: it is yacl's WaitLinkTaskFinish, a handshake with every
+        # peer (send a Fin, wait, unbounded, for theirs). Nodes stop one after another, so a
+        # peer is often gone already: the wait hung, or the Fin's failed async send ran
+        # yacl's exit(-1) (``exit_if_async_error``, not settable from SPU 0.9.5's Python).
+        # Both were seen in CI. A node stops only between executions, so nothing is in
+        # flight for the handshake to flush; the sockets close with the process.
         if self.tunnels is not None:
             self.tunnels.close()
 
@@ -430,7 +441,7 @@ class Node:
             "program_digests": model.digests if model else {},
             "served": self.served, "tunnel_refusals": self.tunnels.refusals,
             "queue_depth": depth, "uptime_s": round(time.time() - self.stats.started, 1),
-            **process_figures()}
+            "rss_settled_bytes": self.settled_rss, **process_figures()}
         if self.leader:
             info["stats"] = self.stats.snapshot()
         return transport.pack(info)
@@ -626,6 +637,8 @@ class Node:
         with self.lock:
             for q in queries:
                 self.queries.pop(q.qid, None)
+        del out, queries
+        self.settled_rss = release_free_memory()
         self.free_since = time.monotonic()
 
 
@@ -649,13 +662,33 @@ def node_main(cluster: ClusterConfig, rank: int, ident: Identity,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    stopped_cleanly = False
     try:
         node.start()
         print(f"spu_run node {node.name}: ready (io {cluster.nodes[rank].io[0]}:"
               f"{cluster.nodes[rank].io[1]}, link {cluster.nodes[rank].link_addr})",
               file=sys.stderr, flush=True)
         node.serve_forever()
+        stopped_cleanly = True
     finally:
+        _arm_teardown_watchdog(node.name, path if own else None, 0 if stopped_cleanly else 2)
         node.stop()
         if own:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _arm_teardown_watchdog(name: str, path: Path | None, code: int) -> None:
+    """Bounds a node's teardown: closing the link or the listeners can block on a peer that
+    is gone. After ``_TEARDOWN_S`` it prints every thread's stack (to see where), removes the
+    node's folder and leaves with ``code``: the node had stopped serving either way."""
+    def fire() -> None:
+        print(f"spu_run node {name}: teardown took over {_TEARDOWN_S:.0f} s; leaving anyway. "
+              "Threads:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+        os._exit(code)
+
+    timer = threading.Timer(_TEARDOWN_S, fire)
+    timer.daemon = True
+    timer.start()

@@ -1,0 +1,360 @@
+"""Served latency on an emulated network, measured beside the network model's estimate.
+
+    sudo uv run python -m experiments.emulated runs/default/student --preset lan wan
+    uv run python -m experiments.emulated runs/default/student --delay-ms 10 --rate-mbit 1000
+    uv run python -m experiments.emulated --bert-base quad+2quad+affine --buckets 1x128 \\
+        --preset wan --repeat 1
+
+Every node, the owner and the client run on their own host (a network namespace, see
+``mpcformer_jax/bench/netem.py``), deployed as in production: ``spu_run certs``, one
+``spu_run node`` per host with fixed ports, ``spu_run serve --remote-nodes``, mutual TLS and
+the nodes' TLS tunnels, every connection between hosts through a link with the chosen
+one-way delay and rate. Each link is first calibrated (a round trip and a bulk transfer
+through it); every result carries that calibration.
+
+For each model and bucket a client on its own host sends one warm-up query, then
+``--repeat`` queries of one execution each (rows x length filled with distinct texts), and
+reports end-to-end latency: from its call to the answer, shares up and down included. Each
+answer is checked against the plaintext forward (largest logit gap).
+
+The estimate beside each figure is bench/network.py's model applied to that run::
+
+    estimate = base + (execution bytes / parties) x 8 / rate + rounds x delay
+               + client upload x 8 / rate
+
+with ``base`` the same query's latency measured through the same deployment on a link with
+no delay and no rate limit (``none``: compute, TLS, the service's own coordination), and the
+bytes and rounds the execution's own (SPU's counters, private/cost.py). Results go to
+``<out>.partial.jsonl`` as each cell finishes (a rerun skips cells already there, so a run
+can span sessions) and to ``<out>.json`` / ``<out>.md``. Needs root (namespaces, tc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mpcformer_jax.bench.netem import PRESETS, Emulation, Link
+
+CLI = [sys.executable, "-m", "mpcformer_jax.private.cli"]
+IO_PORT, LINK_PORT = 7101, 7201
+NONE = Link("none", 0.0, None)
+WORDS = ("a gripping beautifully shot film dull slow far too long the cast is wonderful but "
+         "script lets them down one of most moving films year and triumph for its director "
+         "mess charming funny I wanted to leave after ten minutes solid entertainment whole "
+         "family").split()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cluster_dict(template: str, net: Emulation, timeout_s: float) -> dict:
+    """The config ``template`` (a ready config's name or a path) with its nodes on the
+    emulation's hosts at fixed ports."""
+    from mpcformer_jax.private.config import CONFIG_DIR
+
+    path = Path(template)
+    path = path if path.exists() else CONFIG_DIR / f"{template}.json"
+    doc = json.loads(path.read_text())
+    doc["nodes"] = [{"id": n["id"], "link": f"{net.address(n['id'])}:{LINK_PORT}",
+                     "io": f"{net.address(n['id'])}:{IO_PORT}"} for n in doc["nodes"]]
+    doc["timeout_s"] = max(doc.get("timeout_s", 60), timeout_s)
+    doc.setdefault("link", {}).update(connect_retry_times=240, connect_retry_interval_ms=250)
+    doc.setdefault("service", {})["share_wait_s"] = timeout_s
+    doc.pop("description", None)
+    return doc
+
+
+def node_ids(template: str) -> list[str]:
+    from mpcformer_jax.private.config import load_config
+
+    return [n.id for n in load_config(template).nodes]
+
+
+class Deployment:
+    """The service on an emulation: certs, one ``spu_run node`` per node host, the owner's
+    ``spu_run serve --remote-nodes``. ``stop`` ends it through the owner, as an operator
+    would (the emulation's close kills whatever is left)."""
+
+    def __init__(self, net: Emulation, model_dir: str, template: str, buckets: str,
+                 work: Path, timeout_s: float = 600.0):
+        self.net, self.work = net, work
+        self.nodes = node_ids(template)
+        self.cfg = work / "cluster.json"
+        self.cfg.write_text(json.dumps(cluster_dict(template, net, timeout_s), indent=2))
+        self.certs, self.state = work / "certs", work / "state"
+        subprocess.run(CLI + ["certs", "--out", str(self.certs), "--config", str(self.cfg)],
+                       check=True, capture_output=True, timeout=120)
+        self.logs = {}
+        self.procs = {}
+        for rank, n in enumerate(self.nodes):
+            self.logs[n] = open(work / f"{n}.log", "w")
+            self.procs[n] = net.run(n, CLI + ["node", "--rank", str(rank), "--config",
+                                              str(self.cfg), "--certs", str(self.certs)],
+                                    stdout=self.logs[n], stderr=subprocess.STDOUT)
+        self.logs["owner"] = open(work / "owner.log", "w")
+        self.owner = net.run("owner", CLI + ["serve", "--config", str(self.cfg), "--model",
+                                             str(model_dir), "--state-dir", str(self.state),
+                                             "--certs", str(self.certs), "--remote-nodes",
+                                             "--buckets", buckets],
+                             stdout=subprocess.PIPE, stderr=self.logs["owner"], text=True)
+        line = self.owner.stdout.readline()
+        if not line.startswith("ready"):
+            self.owner.wait(30)
+            raise RuntimeError("the service did not start; owner log:\n"
+                               + (work / "owner.log").read_text()[-3000:])
+
+    def query(self, rows: int, length: int, repeat: int, seed: int = 0,
+              timeout_s: float = 3600) -> dict:
+        """Runs the client driver on the client's host; returns its JSON."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.net.ns("client"), sys.executable, "-m",
+             "experiments.emulated", "_client", "--state", str(self.state), "--rows",
+             str(rows), "--length", str(length), "--repeat", str(repeat), "--seed", str(seed)],
+            capture_output=True, text=True, timeout=timeout_s)
+        if out.returncode != 0:
+            raise RuntimeError(f"the client failed: {out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def stop(self) -> dict[str, int | None]:
+        """Stops the service through its owner; returns each process's exit code (None:
+        did not stop within a minute and was killed)."""
+        codes: dict[str, int | None] = {}
+        for name, proc in [("owner", self.owner), *self.procs.items()]:
+            if name == "owner" and proc.poll() is None:
+                proc.terminate()  # SIGTERM: the owner stops the remote nodes too
+            try:
+                codes[name] = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                codes[name] = None
+        for f in self.logs.values():
+            f.close()
+        return codes
+
+
+def texts_for(rows: int, length: int, seed: int) -> list[str]:
+    """``rows`` distinct texts that fill ``length`` tokens ([CLS] and [SEP] included)."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(length)) for _ in range(rows)]
+
+
+def client_main(state: str, rows: int, length: int, repeat: int, seed: int) -> dict:
+    """The client host's part: one warm-up query, then ``repeat`` timed ones."""
+    from mpcformer_jax.private import Client
+
+    timings = []
+    with Client(state, timeout_s=3600) as client:
+        for k in range(repeat + 1):
+            texts = texts_for(rows, length, seed * 1000 + k)
+            t = time.perf_counter()
+            result = client.classify(texts)
+            wall = time.perf_counter() - t
+            q = result.queries
+            timings.append({
+                "warmup": k == 0, "latency_s": round(wall, 3), "texts": texts,
+                "logits": [p.logits for p in result.predictions],
+                "buckets": result.buckets, "executions": len({x["execution"] for x in q}),
+                "run_s": round(sum(x["run_s"] for x in q), 3),
+                "wait_s": round(max(x["wait_s"] for x in q), 3),
+                "bytes": sum(x["execution_bytes"] for x in q),
+                "rounds": sum(x["execution_rounds"] for x in q),
+                "messages": sum(x["execution_messages"] for x in q),
+                "client_bytes": result.cost.input_bytes.get("client", 0)})
+    return {"queries": timings}
+
+
+def estimate(base_s: float, link: Link, parties: int, bytes_: float, rounds: float,
+             client_bytes: float) -> dict:
+    """bench/network.py's model for this run (see the module docstring)."""
+    rate = (link.rate_mbit or float("inf")) * 1e6
+    transfer = bytes_ / parties * 8 / rate
+    upload = client_bytes * 8 / rate
+    rounds_s = rounds * link.delay_ms / 1000
+    return {"base_s": round(base_s, 3), "transfer_s": round(transfer, 3),
+            "rounds_s": round(rounds_s, 3), "upload_s": round(upload, 4),
+            "total_s": round(base_s + transfer + rounds_s + upload, 3)}
+
+
+def run_cell(model_dir: str, label: str, template: str, link: Link, buckets: list[str],
+             repeat: int, tag: str) -> dict:
+    """One link: build the emulation, calibrate it, deploy, query every bucket."""
+    import numpy as np
+
+    from mpcformer_jax.private.model import plaintext_classifier
+
+    nodes = node_ids(template)
+    roles = [*nodes, "owner", "client"]
+    ports = {n: [IO_PORT, LINK_PORT] for n in nodes}
+    cell = {"model": label, "protocol": None, "link": link.name, "delay_ms": link.delay_ms,
+            "rate_mbit": link.rate_mbit, "buckets": {}}
+    with Emulation(roles, link, ports, tag=tag) as net, \
+            tempfile.TemporaryDirectory(prefix="emulated_") as work:
+        cell["calibration"] = [net.calibrate("client", nodes[0]),
+                               net.calibrate(nodes[0], nodes[1], bulk=False)]
+        log(f"emulated {link.describe()}: calibration {cell['calibration']}")
+        dep = Deployment(net, model_dir, template, ",".join(buckets), Path(work))
+        try:
+            from mpcformer_jax.private.config import load_config
+
+            cell["protocol"] = load_config(str(dep.cfg)).protocol
+            plain = plaintext_classifier(model_dir)
+            for bucket in buckets:
+                rows, length = (int(x) for x in bucket.split("x"))
+                got = dep.query(rows, length - 2, repeat)
+                for q in got["queries"]:
+                    expected = plain(q.pop("texts"), length)
+                    q["max_logit_gap"] = float(np.abs(expected - np.array(q.pop("logits"))).max())
+                cell["buckets"][bucket] = got["queries"]
+                timed = [q for q in got["queries"] if not q["warmup"]]
+                log(f"  {label} {bucket} on {link.name}: latency "
+                    f"{[q['latency_s'] for q in timed]} s, run {[q['run_s'] for q in timed]} s")
+        finally:
+            dep.stop()
+    return cell
+
+
+def summarize(cells: list[dict], parties_of) -> list[dict]:
+    """Per model, bucket and link: the median measured latency beside the estimate."""
+    rows = []
+    base = {(c["model"], b): statistics.median(q["latency_s"] for q in qs if not q["warmup"])
+            for c in cells if c["link"] == "none" for b, qs in c["buckets"].items()}
+    for c in cells:
+        link = Link(c["link"], c["delay_ms"], c["rate_mbit"])
+        for b, qs in c["buckets"].items():
+            timed = [q for q in qs if not q["warmup"]]
+            measured = statistics.median(q["latency_s"] for q in timed)
+            row = {"model": c["model"], "protocol": c["protocol"], "bucket": b,
+                   "link": c["link"], "measured_s": round(measured, 3),
+                   "run_s": round(statistics.median(q["run_s"] for q in timed), 3),
+                   "rounds": timed[0]["rounds"], "bytes": timed[0]["bytes"],
+                   "max_logit_gap": round(max(q["max_logit_gap"] for q in qs), 5),
+                   "calibration": c["calibration"]}
+            if (c["model"], b) in base:
+                est = estimate(base[(c["model"], b)], link, parties_of(c["protocol"]),
+                               timed[0]["bytes"], timed[0]["rounds"], timed[0]["client_bytes"])
+                row["estimate"] = est
+                row["ratio"] = round(measured / est["total_s"], 3)
+                row["rounds_share"] = round(est["rounds_s"] / measured, 3)
+            rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict], command: str) -> str:
+    lines = ["# Served latency on an emulated network", "",
+             f"Command: `{command}`", "",
+             "Measured: end-to-end latency of one query (median of the timed repeats), "
+             "every role on its own host. Estimate: bench/network.py's model with the "
+             "same run's bytes and rounds, over the `none` link's measured latency.", "",
+             "| model | protocol | bucket | link | measured | estimate | measured / estimate "
+             "| rounds | rounds x delay share | RTT measured | rate measured |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cal = r["calibration"][0]
+        est = r.get("estimate", {}).get("total_s")
+        lines.append(
+            f"| {r['model']} | {r['protocol']} | {r['bucket']} | {r['link']} | "
+            f"{r['measured_s']:.2f} s | {'-' if est is None else f'{est:.2f} s'} | "
+            f"{r.get('ratio', '-')} | {r['rounds']} | {r.get('rounds_share', '-')} | "
+            f"{cal['rtt_ms_median']:.2f} ms | "
+            f"{cal.get('rate_mbit', '-')} Mbit/s |")
+    return "\n".join(lines) + "\n"
+
+
+def bert_base_folder(variant: str, root: Path, tokenizer_from: str) -> Path:
+    """A BERT-base-shaped model of ``variant`` (12 layers, hidden 768) with random weights
+    (cost does not depend on them) and the tokenizer of ``tokenizer_from`` (BERT's uncased
+    vocabulary in the default student), exported as a student folder."""
+    from transformers import AutoTokenizer
+
+    from mpcformer_jax.approx import Approximation
+    from mpcformer_jax.models import BertConfig, init_params, save_pretrained
+
+    folder = root / f"bert-base-{variant.replace('+', '_')}"
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = BertConfig.base(vocab_size=tokenizer.vocab_size).with_approximation(
+        Approximation.parse(variant))
+    return save_pretrained(folder, config, init_params(config, 0), tokenizer)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.emulated", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", help="exported model folders (runs/default/student)")
+    p.add_argument("--bert-base", nargs="*", default=[], metavar="VARIANT",
+                   help="BERT-base-shaped random-weight models of these variants")
+    p.add_argument("--tokenizer-from", default="runs/default/student",
+                   help="where --bert-base models take their tokenizer (BERT's vocabulary)")
+    p.add_argument("--config", default="aby3_3pc", help="ready config or path (protocol)")
+    p.add_argument("--preset", nargs="*", default=[], choices=sorted(PRESETS))
+    p.add_argument("--delay-ms", type=float, nargs="*", default=[],
+                   help="free one-way delays (ms), at --rate-mbit")
+    p.add_argument("--rate-mbit", type=float, default=None)
+    p.add_argument("--buckets", default="1x32,8x32")
+    p.add_argument("--repeat", type=int, default=2, help="timed queries per bucket")
+    p.add_argument("--out", default="results/emulated")
+    args = p.parse_args(argv)
+    links = [NONE] + [PRESETS[n] for n in args.preset] + [
+        Link(f"{d:g}ms", d, args.rate_mbit) for d in args.delay_ms]
+    models = [(m, Path(m).name if Path(m).name != "student" else str(Path(m).parent.name))
+              for m in args.models]
+    work = Path(args.out).parent / "emulated_models"
+    for v in args.bert_base:
+        models.append((str(bert_base_folder(v, work, args.tokenizer_from)), f"bert-base {v}"))
+    if not models:
+        p.error("name a model folder or --bert-base VARIANT")
+    partial = Path(f"{args.out}.partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in partial.read_text().splitlines()] \
+        if partial.exists() else []
+    key = lambda c: (c["model"], c["protocol_config"], c["link"], tuple(c["buckets"]))  # noqa: E731
+    have = {key(c) for c in done}
+    for model_dir, label in models:
+        for link in links:
+            cell_key = (label, args.config, link.name, tuple(args.buckets.split(",")))
+            if cell_key in have:
+                log(f"have {cell_key}")
+                continue
+            cell = run_cell(model_dir, label, args.config, link, args.buckets.split(","),
+                            args.repeat, tag=f"em{len(done)}")
+            cell["protocol_config"] = args.config
+            done.append(cell)
+            with partial.open("a") as f:
+                f.write(json.dumps(cell) + "\n")
+    from mpcformer_jax.private.config import load_config
+
+    parties = {c["protocol"]: load_config(c["protocol_config"]).world_size for c in done}
+    rows = summarize(done, lambda proto: parties[proto])
+    command = "python -m experiments.emulated " + " ".join(argv or sys.argv[1:])
+    Path(f"{args.out}.json").write_text(json.dumps({"command": command, "rows": rows},
+                                                   indent=2))
+    Path(f"{args.out}.md").write_text(to_markdown(rows, command))
+    print(to_markdown(rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_client":
+        cp = argparse.ArgumentParser()
+        cp.add_argument("_client")
+        cp.add_argument("--state", required=True)
+        cp.add_argument("--rows", type=int, required=True)
+        cp.add_argument("--length", type=int, required=True)
+        cp.add_argument("--repeat", type=int, default=2)
+        cp.add_argument("--seed", type=int, default=0)
+        a = cp.parse_args()
+        print(json.dumps(client_main(a.state, a.rows, a.length, a.repeat, a.seed)), flush=True)
+        sys.exit(0)
+    sys.exit(main())
