@@ -235,12 +235,13 @@ def summarize(cells: list[dict], parties_of) -> list[dict]:
             timed = [q for q in qs if not q["warmup"]]
             measured = statistics.median(q["latency_s"] for q in timed)
             row = {"model": c["model"], "protocol": c["protocol"], "bucket": b,
-                   "link": c["link"], "measured_s": round(measured, 3),
+                   "link": c["link"], "delay_ms": c["delay_ms"], "rate_mbit": c["rate_mbit"],
+                   "measured_s": round(measured, 3),
                    "run_s": round(statistics.median(q["run_s"] for q in timed), 3),
                    "rounds": timed[0]["rounds"], "bytes": timed[0]["bytes"],
                    "max_logit_gap": round(max(q["max_logit_gap"] for q in qs), 5),
                    "calibration": c["calibration"]}
-            if (c["model"], b) in base:
+            if (c["model"], b) in base and c["link"] != "none":  # none is the base itself
                 est = estimate(base[(c["model"], b)], link, parties_of(c["protocol"]),
                                timed[0]["bytes"], timed[0]["rounds"], timed[0]["client_bytes"])
                 row["estimate"] = est
@@ -268,7 +269,49 @@ def to_markdown(rows: list[dict], command: str) -> str:
             f"{r.get('ratio', '-')} | {r['rounds']} | {r.get('rounds_share', '-')} | "
             f"{cal['rtt_ms_median']:.2f} ms | "
             f"{cal.get('rate_mbit', '-')} Mbit/s |")
+    cross = crossover_ms(rows)
+    if cross:
+        lines += ["", "Crossover (the one-way delay past which rounds x delay exceeds the rest "
+                  "of the no-delay latency): " + ", ".join(
+                      f"{m} {b} {d:.2f} ms" for (m, b), d in sorted(cross.items()))]
     return "\n".join(lines) + "\n"
+
+
+def crossover_ms(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """Per model and bucket: the one-way delay at which rounds x delay equals the rest of the
+    latency on the link with no delay (compute, coordination): past it rounds dominate."""
+    return {(r["model"], r["bucket"]): round(r["measured_s"] / r["rounds"] * 1000, 3)
+            for r in rows if r["link"] == "none" and r["rounds"]}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Measured latency (points, solid) and the estimate (dashed) against one-way delay, one
+    line per model and bucket; the crossover delay is in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cross = crossover_ms(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r["model"], r["bucket"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["model"], r["bucket"]) == key),
+                      key=lambda r: r["delay_ms"])
+        xs = [r["delay_ms"] for r in mine]
+        label = f"{key[0]} {key[1]}" + (f" (crossover {cross[key]:.1f} ms)" if key in cross
+                                        else "")
+        line, = ax.plot(xs, [r["measured_s"] for r in mine], "o-", label=label)
+        est = [(r["delay_ms"], r["estimate"]["total_s"]) for r in mine if "estimate" in r]
+        if est:
+            ax.plot(*zip(*est, strict=True), "--", color=line.get_color(), alpha=0.7)
+    ax.set_xlabel("one-way delay (ms)")
+    ax.set_ylabel("served query latency (s)")
+    ax.set_title("Measured (solid) and estimated (dashed) latency, emulated network")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def bert_base_folder(variant: str, root: Path, tokenizer_from: str) -> Path:
@@ -341,6 +384,7 @@ def main(argv=None) -> int:
     Path(f"{args.out}.json").write_text(json.dumps({"command": command, "rows": rows},
                                                    indent=2))
     Path(f"{args.out}.md").write_text(to_markdown(rows, command))
+    plot(rows, f"{args.out}.png")
     print(to_markdown(rows, command))
     return 0
 
