@@ -137,6 +137,24 @@ def test_zero_epochs_skips_the_stage(tmp_path, synthetic_split):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_two_identical_runs_give_bit_identical_params(tmp_path, synthetic_split):
+    """The same command on the same code gives the same numbers: dropout on, shuffled data,
+    both KD objectives' machinery (the task loss here), a full epoch and its evaluation."""
+    data = synthetic_split(64, 4), synthetic_split(32, 9)
+    config = BertConfig.tiny(num_labels=2).with_approximation("quad+2quad")
+    assert config.hidden_dropout_prob > 0  # the dropout RNG is part of what must repeat
+    stage = StageConfig(epochs=1, batch_size=16, learning_rate=1e-3)
+    a, b = (_run(tmp_path / d, "stage2", TaskObjective(), config, init_params(config, 3),
+                 stage, data) for d in ("a", "b"))
+    assert a.steps == b.steps == 4
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(a.params),
+                           jax.device_get(b.params))
+    assert a.dev == b.dev
+    changed = jax.tree_util.tree_map(lambda x, y: bool(np.any(np.asarray(x) != y)),
+                                     jax.device_get(a.params), init_params(config, 3))
+    assert any(jax.tree_util.tree_leaves(changed))  # it did train
+
+
 class _Crash(RuntimeError):
     pass
 
