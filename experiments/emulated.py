@@ -111,13 +111,14 @@ class Deployment:
             raise RuntimeError("the service did not start; owner log:\n"
                                + (work / "owner.log").read_text()[-3000:])
 
-    def query(self, rows: int, length: int, repeat: int, seed: int = 0,
-              timeout_s: float = 3600) -> dict:
+    def query(self, rows: int, length: int, repeat: int, seed: int = 0, warmup: int = 1,
+              timeout_s: float = 7200) -> dict:
         """Runs the client driver on the client's host; returns its JSON."""
         out = subprocess.run(
             ["ip", "netns", "exec", self.net.ns("client"), sys.executable, "-m",
              "experiments.emulated", "_client", "--state", str(self.state), "--rows",
-             str(rows), "--length", str(length), "--repeat", str(repeat), "--seed", str(seed)],
+             str(rows), "--length", str(length), "--repeat", str(repeat), "--seed", str(seed),
+             "--warmup", str(warmup)],
             capture_output=True, text=True, timeout=timeout_s)
         if out.returncode != 0:
             raise RuntimeError(f"the client failed: {out.stderr[-3000:]}")
@@ -149,20 +150,21 @@ def texts_for(rows: int, length: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(length)) for _ in range(rows)]
 
 
-def client_main(state: str, rows: int, length: int, repeat: int, seed: int) -> dict:
-    """The client host's part: one warm-up query, then ``repeat`` timed ones."""
+def client_main(state: str, rows: int, length: int, repeat: int, seed: int,
+                warmup: int = 1) -> dict:
+    """The client host's part: ``warmup`` untimed queries, then ``repeat`` timed ones."""
     from mpcformer_jax.private import Client
 
     timings = []
     with Client(state, timeout_s=3600) as client:
-        for k in range(repeat + 1):
+        for k in range(repeat + warmup):
             texts = texts_for(rows, length, seed * 1000 + k)
             t = time.perf_counter()
             result = client.classify(texts)
             wall = time.perf_counter() - t
             q = result.queries
             timings.append({
-                "warmup": k == 0, "latency_s": round(wall, 3), "texts": texts,
+                "warmup": k < warmup, "latency_s": round(wall, 3), "texts": texts,
                 "logits": [p.logits for p in result.predictions],
                 "buckets": result.buckets, "executions": len({x["execution"] for x in q}),
                 "run_s": round(sum(x["run_s"] for x in q), 3),
@@ -187,7 +189,7 @@ def estimate(base_s: float, link: Link, parties: int, bytes_: float, rounds: flo
 
 
 def run_cell(model_dir: str, label: str, template: str, link: Link, buckets: list[str],
-             repeat: int, tag: str) -> dict:
+             repeat: int, tag: str, warmup: int = 1, timeout_s: float = 3600.0) -> dict:
     """One link: build the emulation, calibrate it, deploy, query every bucket."""
     import numpy as np
 
@@ -203,7 +205,7 @@ def run_cell(model_dir: str, label: str, template: str, link: Link, buckets: lis
         cell["calibration"] = [net.calibrate("client", nodes[0]),
                                net.calibrate(nodes[0], nodes[1], bulk=False)]
         log(f"emulated {link.describe()}: calibration {cell['calibration']}")
-        dep = Deployment(net, model_dir, template, ",".join(buckets), Path(work))
+        dep = Deployment(net, model_dir, template, ",".join(buckets), Path(work), timeout_s)
         try:
             from mpcformer_jax.private.config import load_config
 
@@ -211,7 +213,7 @@ def run_cell(model_dir: str, label: str, template: str, link: Link, buckets: lis
             plain = plaintext_classifier(model_dir)
             for bucket in buckets:
                 rows, length = (int(x) for x in bucket.split("x"))
-                got = dep.query(rows, length - 2, repeat)
+                got = dep.query(rows, length - 2, repeat, warmup=warmup)
                 for q in got["queries"]:
                     expected = plain(q.pop("texts"), length)
                     q["max_logit_gap"] = float(np.abs(expected - np.array(q.pop("logits"))).max())
@@ -322,6 +324,7 @@ def bert_base_folder(variant: str, root: Path, tokenizer_from: str) -> Path:
 
     from mpcformer_jax.approx import Approximation
     from mpcformer_jax.models import BertConfig, init_params, save_pretrained
+    from mpcformer_jax.models.public_table import mark_public, word_table
 
     folder = root / f"bert-base-{variant.replace('+', '_')}"
     if (folder / "config.json").exists():
@@ -329,7 +332,12 @@ def bert_base_folder(variant: str, root: Path, tokenizer_from: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
     config = BertConfig.base(vocab_size=tokenizer.vocab_size).with_approximation(
         Approximation.parse(variant))
-    return save_pretrained(folder, config, init_params(config, 0), tokenizer)
+    params = init_params(config, 0)
+    # The benchmark's setting: the word table is public (here: this folder's own, which the
+    # client reads from the shared disk and checks by hash), the client looks tokens up.
+    save_pretrained(folder, config, params, tokenizer)
+    config = mark_public(config, params, str(folder.resolve()), word_table(params))
+    return save_pretrained(folder, config, params, tokenizer)
 
 
 def main(argv=None) -> int:
@@ -347,13 +355,17 @@ def main(argv=None) -> int:
     p.add_argument("--rate-mbit", type=float, default=None)
     p.add_argument("--buckets", default="1x32,8x32")
     p.add_argument("--repeat", type=int, default=2, help="timed queries per bucket")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed queries first (0 for long runs: the first query is timed)")
+    p.add_argument("--timeout-s", type=float, default=3600.0,
+                   help="the cluster's bound on every wait, one execution included")
     p.add_argument("--out", default="results/emulated")
     args = p.parse_args(argv)
     links = [NONE] + [PRESETS[n] for n in args.preset] + [
         Link(f"{d:g}ms", d, args.rate_mbit) for d in args.delay_ms]
     models = [(m, Path(m).name if Path(m).name != "student" else str(Path(m).parent.name))
               for m in args.models]
-    work = Path(args.out).parent / "emulated_models"
+    work = Path("runs/emulated_models")  # weights: never under results/ (tracked)
     for v in args.bert_base:
         models.append((str(bert_base_folder(v, work, args.tokenizer_from)), f"bert-base {v}"))
     if not models:
@@ -371,7 +383,8 @@ def main(argv=None) -> int:
                 log(f"have {cell_key}")
                 continue
             cell = run_cell(model_dir, label, args.config, link, args.buckets.split(","),
-                            args.repeat, tag=f"em{len(done)}")
+                            args.repeat, tag=f"em{len(done)}", warmup=args.warmup,
+                            timeout_s=args.timeout_s)
             cell["protocol_config"] = args.config
             done.append(cell)
             with partial.open("a") as f:
@@ -398,7 +411,9 @@ if __name__ == "__main__":
         cp.add_argument("--length", type=int, required=True)
         cp.add_argument("--repeat", type=int, default=2)
         cp.add_argument("--seed", type=int, default=0)
+        cp.add_argument("--warmup", type=int, default=1)
         a = cp.parse_args()
-        print(json.dumps(client_main(a.state, a.rows, a.length, a.repeat, a.seed)), flush=True)
+        print(json.dumps(client_main(a.state, a.rows, a.length, a.repeat, a.seed, a.warmup)),
+              flush=True)
         sys.exit(0)
     sys.exit(main())

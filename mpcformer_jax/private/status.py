@@ -97,7 +97,10 @@ def format_status(status: dict) -> str:
             lines.append(f"  {n['node']}: unreachable ({n['error']})")
             continue
         digest = ",".join(sorted(f"{b}:{d[:12]}" for b, d in n["program_digests"].items()))
-        lines.append(f"  {n['node']}: pid {n['pid']}   RSS {n['rss_bytes'] / 2**20:.0f} MiB   "
+        settled = n.get("rss_settled_bytes")
+        settled = "-" if settled is None else f"{settled / 2**20:.0f} MiB"
+        lines.append(f"  {n['node']}: pid {n['pid']}   RSS {n['rss_bytes'] / 2**20:.0f} MiB "
+                     f"(after its last execution {settled})   "
                      f"threads {n['threads']}   fds {n['fds']}   executions {n['served']}   "
                      f"programs {digest}")
     return "\n".join(lines)
