@@ -18,7 +18,7 @@ from conftest import plaintext_logits
 
 from mpcformer_jax.private import Client, Service, load_config, transport
 from mpcformer_jax.private.batching import Stats, Waiting, plan_batch
-from mpcformer_jax.private.roles.client import read_endpoint
+from mpcformer_jax.private.roles.client import QueryError, read_endpoint
 from mpcformer_jax.private.shares import ShareError, join_rows, shape_of, split_rows
 from mpcformer_jax.private.status import merge_stats
 
@@ -205,6 +205,18 @@ def test_short_query_padded_into_a_longer_bucket_answers_as_alone(batched, tiny_
 
 
 @pytest.mark.slow  # starts SPU node processes
+def test_a_client_closed_while_sending_gets_a_retriable_error(batched):
+    """close() from another thread between opening the channels and sending on them (seen
+    in the fault soak): a QueryError the caller can retry, not grpc's ValueError."""
+    client = Client(batched.state)
+    channels = client._nodes()
+    client.close()
+    client._nodes = lambda: channels  # the race: the call holds channels close() just closed
+    with pytest.raises(QueryError, match="closed while the query was being sent") as err:
+        client.classify(["a gripping film"])
+    assert err.value.code == "CANCELLED"
+
+
 def test_a_client_gone_mid_query_does_not_disturb_its_batch(batched, tiny_student):
     """One client sends its shares to nodes 0 and 1 and dies before node 2's (the worst
     place to go); another cancels while queued. The rest of the batch is answered."""

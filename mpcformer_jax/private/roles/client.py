@@ -327,8 +327,15 @@ class Client:
                                               "length": int(length),
                                               "fingerprint": self.endpoint["fingerprint"],
                                               "counts": counts}, blobs)
-            calls.append((share_bytes(own), transport.stream_unary(ch, "Query").future(
-                stream, timeout=self.timeout_s)))
+            try:
+                call = transport.stream_unary(ch, "Query").future(stream,
+                                                                  timeout=self.timeout_s)
+            except ValueError:  # grpc: "Cannot invoke RPC: Channel closed!"
+                for _, c in calls:
+                    c.cancel()
+                raise QueryError("the client was closed while the query was being sent; "
+                                 "nothing was answered, send it again", "CANCELLED") from None
+            calls.append((share_bytes(own), call))
         del shares
         # Wait on every node at once: one that fails (or dies) ends the query now, not after
         # the others give up waiting for it in the MPC.
