@@ -81,8 +81,13 @@ def plaintext_answers(model_dir: str, requests: list[list[str]], lengths: list[i
 
 def soak(state: str, requests: list[Request], clients: int, kill_every_s: float | None = None,
          disconnect_every: int = 0, seed: int = 0, sample_after: int = 50,
-         max_attempts: int = 20, max_kills: int | None = None, log=print) -> dict:
+         give_up_s: float = 1800.0, max_kills: int | None = None, log=print) -> dict:
     """Runs the requests through the service at ``state`` from ``clients`` threads.
+
+    A request is resent after every retriable error until it is answered, or until it has
+    been refused for ``give_up_s`` (then it counts as lost): a service restarting after a
+    kill refuses for as long as its recovery takes, which a fixed number of attempts would
+    mistake for a loss.
 
     ``kill_every_s``: SIGKILL a random node (a local service restarts them) this often.
     ``disconnect_every``: every that many requests, one client closes its channels while
@@ -130,7 +135,9 @@ def soak(state: str, requests: list[Request], clients: int, kill_every_s: float 
                 req.sent = time.monotonic()
                 with lock:
                     disconnect = bool(disconnect_every) and req.rid % disconnect_every == 1
-                for n in range(max_attempts):
+                n = -1
+                while time.monotonic() - req.sent < give_up_s:
+                    n += 1
                     try:
                         result = attempt(client, req, disconnect and n == 0)
                     except QueryError as err:
