@@ -22,7 +22,8 @@ The estimate beside each figure is bench/network.py's model applied to that run:
     estimate = base + (execution bytes / parties) x 8 / rate + rounds x delay
                + client upload x 8 / rate
 
-with ``base`` the same query's latency measured through the same deployment on a link with
+with ``base`` the same query's latency measured through the same deployment (the same
+processes: one deployment per model is reshaped from link to link, connections kept) with
 no delay and no rate limit (``none``: compute, TLS, the service's own coordination), and the
 bytes and rounds the execution's own (SPU's counters, private/cost.py). Results go to
 ``<out>.partial.jsonl`` as each cell finishes (a rerun skips cells already there, so a run
@@ -157,6 +158,7 @@ def client_main(state: str, rows: int, length: int, repeat: int, seed: int,
 
     timings = []
     with Client(state, timeout_s=3600) as client:
+        client.connect()  # TLS handshakes with every node: not part of a query's latency
         for k in range(repeat + warmup):
             texts = texts_for(rows, length, seed * 1000 + k)
             t = time.perf_counter()
@@ -188,42 +190,60 @@ def estimate(base_s: float, link: Link, parties: int, bytes_: float, rounds: flo
             "total_s": round(base_s + transfer + rounds_s + upload, 3)}
 
 
-def run_cell(model_dir: str, label: str, template: str, link: Link, buckets: list[str],
-             repeat: int, tag: str, warmup: int = 1, timeout_s: float = 3600.0) -> dict:
-    """One link: build the emulation, calibrate it, deploy, query every bucket."""
+def run_model(model_dir: str, label: str, template: str, links: list[Link],
+              buckets: list[str], repeat: int, tag: str, warmup: int = 1,
+              timeout_s: float = 3600.0, on_cell=lambda cell: None) -> dict:
+    """One deployment of ``model_dir``, measured on every link in turn.
+
+    The service starts on the ``none`` link, so the owner's weight upload (a one-time cost,
+    not a query's) does not crawl through a slow link; then, per link, the emulation is
+    reshaped with every connection kept, calibrated, and each bucket queried. ``warmup``
+    untimed queries run per bucket on the first link only: later links find the nodes warm.
+    Each link's cell goes to ``on_cell`` as it is done (the caller saves it). Returns the
+    cells and every process's exit code once the service stopped (None: killed)."""
     import numpy as np
 
+    from mpcformer_jax.private.config import load_config
     from mpcformer_jax.private.model import plaintext_classifier
 
     nodes = node_ids(template)
     roles = [*nodes, "owner", "client"]
     ports = {n: [IO_PORT, LINK_PORT] for n in nodes}
-    cell = {"model": label, "protocol": None, "link": link.name, "delay_ms": link.delay_ms,
-            "rate_mbit": link.rate_mbit, "buckets": {}}
-    with Emulation(roles, link, ports, tag=tag) as net, \
+    cells = []
+    with Emulation(roles, NONE, ports, tag=tag) as net, \
             tempfile.TemporaryDirectory(prefix="emulated_") as work:
-        cell["calibration"] = [net.calibrate("client", nodes[0]),
-                               net.calibrate(nodes[0], nodes[1], bulk=False)]
-        log(f"emulated {link.describe()}: calibration {cell['calibration']}")
+        t0 = time.perf_counter()
         dep = Deployment(net, model_dir, template, ",".join(buckets), Path(work), timeout_s)
+        log(f"{label}: service up in {time.perf_counter() - t0:.0f} s")
         try:
-            from mpcformer_jax.private.config import load_config
-
-            cell["protocol"] = load_config(str(dep.cfg)).protocol
+            protocol = load_config(str(dep.cfg)).protocol
             plain = plaintext_classifier(model_dir)
-            for bucket in buckets:
-                rows, length = (int(x) for x in bucket.split("x"))
-                got = dep.query(rows, length - 2, repeat, warmup=warmup)
-                for q in got["queries"]:
-                    expected = plain(q.pop("texts"), length)
-                    q["max_logit_gap"] = float(np.abs(expected - np.array(q.pop("logits"))).max())
-                cell["buckets"][bucket] = got["queries"]
-                timed = [q for q in got["queries"] if not q["warmup"]]
-                log(f"  {label} {bucket} on {link.name}: latency "
-                    f"{[q['latency_s'] for q in timed]} s, run {[q['run_s'] for q in timed]} s")
+            for i, link in enumerate(links):
+                net.shape(link)
+                cell = {"model": label, "protocol": protocol, "link": link.name,
+                        "delay_ms": link.delay_ms, "rate_mbit": link.rate_mbit,
+                        "calibration": [net.calibrate("client", nodes[0]),
+                                        net.calibrate(nodes[0], nodes[1], bulk=False)],
+                        "buckets": {}}
+                log(f"emulated {link.describe()}: calibration {cell['calibration']}")
+                for bucket in buckets:
+                    rows, length = (int(x) for x in bucket.split("x"))
+                    got = dep.query(rows, length - 2, repeat, warmup=warmup if i == 0 else 0)
+                    for q in got["queries"]:
+                        expected = plain(q.pop("texts"), length)
+                        q["max_logit_gap"] = float(
+                            np.abs(expected - np.array(q.pop("logits"))).max())
+                    cell["buckets"][bucket] = got["queries"]
+                    timed = [q for q in got["queries"] if not q["warmup"]]
+                    log(f"  {label} {bucket} on {link.name}: latency "
+                        f"{[q['latency_s'] for q in timed]} s, run "
+                        f"{[q['run_s'] for q in timed]} s")
+                cells.append(cell)
+                on_cell(cell)
         finally:
-            dep.stop()
-    return cell
+            codes = dep.stop()
+            log(f"{label}: service stopped, exit codes {codes}")
+    return {"cells": cells, "exit_codes": codes}
 
 
 def summarize(cells: list[dict], parties_of) -> list[dict]:
@@ -288,20 +308,23 @@ def crossover_ms(rows: list[dict]) -> dict[tuple[str, str], float]:
 
 def plot(rows: list[dict], path: str) -> None:
     """Measured latency (points, solid) and the estimate (dashed) against one-way delay, one
-    line per model and bucket; the crossover delay is in the legend."""
+    line per model, bucket and rate; the crossover delay is in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cross = crossover_ms(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["model"], r["bucket"]) for r in rows}):
-        mine = sorted((r for r in rows if (r["model"], r["bucket"]) == key),
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    shaped = [r for r in rows if r["link"] != "none"]
+    for key in sorted({(r["model"], r["bucket"], r["rate_mbit"] or 0) for r in shaped}):
+        mine = sorted((r for r in shaped
+                       if (r["model"], r["bucket"], r["rate_mbit"] or 0) == key),
                       key=lambda r: r["delay_ms"])
         xs = [r["delay_ms"] for r in mine]
-        label = f"{key[0]} {key[1]}" + (f" (crossover {cross[key]:.1f} ms)" if key in cross
-                                        else "")
+        label = f"{key[0]} {key[1]} {key[2]:g} Mbit/s"
+        if key[:2] in cross:
+            label += f" (crossover {cross[key[:2]]:.1f} ms)"
         line, = ax.plot(xs, [r["measured_s"] for r in mine], "o-", label=label)
         est = [(r["delay_ms"], r["estimate"]["total_s"]) for r in mine if "estimate" in r]
         if est:
@@ -356,13 +379,15 @@ def main(argv=None) -> int:
     p.add_argument("--buckets", default="1x32,8x32")
     p.add_argument("--repeat", type=int, default=2, help="timed queries per bucket")
     p.add_argument("--warmup", type=int, default=1,
-                   help="untimed queries first (0 for long runs: the first query is timed)")
+                   help="untimed queries per bucket on a deployment's first link (later "
+                        "links find the nodes warm)")
     p.add_argument("--timeout-s", type=float, default=3600.0,
                    help="the cluster's bound on every wait, one execution included")
     p.add_argument("--out", default="results/emulated")
     args = p.parse_args(argv)
+    rate = args.rate_mbit
     links = [NONE] + [PRESETS[n] for n in args.preset] + [
-        Link(f"{d:g}ms", d, args.rate_mbit) for d in args.delay_ms]
+        Link(f"{d:g}ms" + (f"@{rate:g}Mbit" if rate else ""), d, rate) for d in args.delay_ms]
     models = [(m, Path(m).name if Path(m).name != "student" else str(Path(m).parent.name))
               for m in args.models]
     work = Path("runs/emulated_models")  # weights: never under results/ (tracked)
@@ -376,19 +401,23 @@ def main(argv=None) -> int:
         if partial.exists() else []
     key = lambda c: (c["model"], c["protocol_config"], c["link"], tuple(c["buckets"]))  # noqa: E731
     have = {key(c) for c in done}
+    buckets = args.buckets.split(",")
+
+    def save(cell: dict) -> None:
+        cell["protocol_config"] = args.config
+        done.append(cell)
+        with partial.open("a") as f:
+            f.write(json.dumps(cell) + "\n")
+
     for model_dir, label in models:
-        for link in links:
-            cell_key = (label, args.config, link.name, tuple(args.buckets.split(",")))
-            if cell_key in have:
-                log(f"have {cell_key}")
-                continue
-            cell = run_cell(model_dir, label, args.config, link, args.buckets.split(","),
-                            args.repeat, tag=f"em{len(done)}", warmup=args.warmup,
-                            timeout_s=args.timeout_s)
-            cell["protocol_config"] = args.config
-            done.append(cell)
-            with partial.open("a") as f:
-                f.write(json.dumps(cell) + "\n")
+        todo = [link for link in links
+                if (label, args.config, link.name, tuple(buckets)) not in have]
+        if not todo:
+            log(f"have every link of {label}")
+            continue
+        run_model(model_dir, label, args.config, todo, buckets, args.repeat,
+                  tag=f"em{len(done)}", warmup=args.warmup, timeout_s=args.timeout_s,
+                  on_cell=save)
     from mpcformer_jax.private.config import load_config
 
     parties = {c["protocol"]: load_config(c["protocol_config"]).world_size for c in done}

@@ -5,6 +5,7 @@ one-way delay and rate, its fidelity measured.
                    ports={"node0": [7101, 7201], ...}) as net:
         print(net.calibrate("client", "node0"))     # round trip and bulk rate, measured
         net.run("node0", ["spu_run", "node", ...])   # a process on node0's host
+        net.shape(PRESETS["lan"])                    # another link, connections kept
 
 Layout (``10.<o>`` is the emulation's own private range; nothing leaves its namespaces):
 
@@ -19,6 +20,9 @@ Layout (``10.<o>`` is the emulation's own private range; nothing leaves its name
 * the rate is ``tbf`` on both ends of every veth pair: a host's uplink and downlink. Each
   byte between two hosts crosses exactly one of them (the dialler's uplink or downlink). The
   rate is TCP's payload rate: the qdisc is set 4.6% faster to carry the frames' headers.
+* ``shape`` changes delay and rate while every connection stays up (the relay takes a new
+  delay on its stdin, tc replaces the qdiscs): a deployment set up once is measured on
+  several links, and the weights it shares at start need not crawl through a slow one.
 
 The kernel here has no ``netem`` qdisc (``tc qdisc add ... netem`` answers "Specified qdisc
 kind is unknown"), hence the relay. Needs root and iproute2. ``close`` (also on any error
@@ -94,6 +98,8 @@ class Emulation:
         self.made: list[str] = []
         self.procs: list[subprocess.Popen] = []
         self.relay: subprocess.Popen | None = None
+        self.devs: list[tuple[str, str]] = []  # (namespace, veth end) pairs that carry a rate
+        self._rated = False
 
     # ------------------------------------------------------------------ addresses
 
@@ -147,29 +153,50 @@ class Emulation:
             _sh("ip", "-n", ns, "addr", "add", f"{self.host_address(role)}/24", "dev", b)
             _sh("ip", "-n", ns, "link", "set", b, "up")
             _sh("ip", "-n", ns, "route", "add", f"10.{o}.1.0/24", "via", f"10.{o}.0.254")
-            if self.link.rate_mbit is not None:
-                for where, dev in ((ns, b), (sw, a)):  # uplink, downlink
-                    _sh("ip", "netns", "exec", where, *self._tbf(dev))
+            self.devs += [(ns, b), (sw, a)]  # uplink, downlink
+        self._set_rate(self.link)
         routes = [f"{self.address(r)}:{p}={self.ns(r)}" for r in self.roles
                   for p in self.ports[r]]
         self.relay = subprocess.Popen(
             ["ip", "netns", "exec", sw, *RELAY, "relay", "--delay-ms", str(self.link.delay_ms),
              *[a for r in routes for a in ("--route", r)]],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
         line = self.relay.stdout.readline()
         if line.strip() != "ready":
             raise EmulationError(f"the relay did not start: {self.relay.stderr.read()[-2000:]}")
 
-    def _tbf(self, dev: str) -> list[str]:
+    def shape(self, link: Link) -> None:
+        """Puts ``link``'s delay and rate on every link, connections kept. Chunks already
+        in the relay keep the delay they were read with: shape between queries."""
+        self._set_rate(link)
+        self.relay.stdin.write(f"delay {link.delay_ms}\n")
+        self.relay.stdin.flush()
+        answer = self.relay.stdout.readline().strip()
+        if answer != "ok":
+            raise EmulationError(f"the relay did not take the delay: {answer!r}")
+        self.link = link
+
+    def _set_rate(self, link: Link) -> None:
+        for ns, dev in self.devs:
+            if link.rate_mbit is not None:
+                # replace: adds the qdisc, or changes the one there
+                _sh("ip", "netns", "exec", ns, *self._tbf(dev, link.rate_mbit, "replace"))
+            elif self._rated:
+                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root")
+        self._rated = link.rate_mbit is not None
+
+    @staticmethod
+    def _tbf(dev: str, rate_mbit: float, verb: str = "add") -> list[str]:
         # The link's rate is what TCP carries (the payload bytes SPU's counters count, what
         # the network model divides by). tbf counts whole frames: at MTU 1500 a segment
         # carries 1448 payload bytes in a 1514-byte frame (Ethernet 14, IP 20, TCP with
         # timestamps 32), so the qdisc runs that much faster.
-        rate = self.link.rate_mbit * FRAME_OVERHEAD
+        rate = rate_mbit * FRAME_OVERHEAD
         # burst: at least one 64 KiB GSO segment, and 2 ms at the rate (a 1 ms tick's worth
         # twice over), so the bucket never caps below the rate; latency bounds the queue.
         burst = max(128 * 1024, int(rate * 1e6 / 8 * 0.002))
-        return ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+        return ["tc", "qdisc", verb, "dev", dev, "root", "tbf", "rate",
                 f"{rate * 1000:.0f}kbit", "burst", str(burst), "latency", "200ms"]
 
     def run(self, role: str, args: list[str], **popen_kw) -> subprocess.Popen:

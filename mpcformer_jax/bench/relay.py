@@ -15,8 +15,10 @@ autotuned buffers, so they run in that steady state anyway.
     python -m mpcformer_jax.bench.relay probe-server --listen 10.9.1.1:7999
     python -m mpcformer_jax.bench.relay probe --to 10.9.1.1:7999 --pings 50 --bulk-mb 25
 
-``relay`` prints ``ready`` on stdout once every listener is bound; ``probe`` prints one JSON
-line. Everything else goes to stderr.
+``relay`` prints ``ready`` on stdout once every listener is bound. It then reads commands on
+stdin, one per line: ``delay <ms>`` sets the one-way delay of every chunk read from then on
+(connections stay up, so one deployment can be measured on several links) and answers ``ok``.
+``probe`` prints one JSON line. Everything else goes to stderr.
 """
 
 from __future__ import annotations
@@ -74,10 +76,10 @@ def dial_in(netns: str, addr: tuple[str, int], timeout_s: float = 10.0) -> socke
 
 
 class Direction:
-    """One direction of a relayed connection: read, hold each chunk ``delay_s``, write."""
+    """One direction of a relayed connection: read, hold each chunk the relay's delay, write."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, delay_s: float, on_end):
-        self.src, self.dst, self.delay_s, self.on_end = src, dst, delay_s, on_end
+    def __init__(self, src: socket.socket, dst: socket.socket, relay: Relay, on_end):
+        self.src, self.dst, self.relay, self.on_end = src, dst, relay, on_end
         self.held: collections.deque = collections.deque()
         self.held_bytes = 0
         self.cond = threading.Condition()
@@ -93,7 +95,7 @@ class Direction:
                 with self.cond:
                     while self.held_bytes > MAX_HELD:
                         self.cond.wait()
-                    self.held.append((time.monotonic() + self.delay_s, data))
+                    self.held.append((time.monotonic() + self.relay.delay_s, data))
                     self.held_bytes += len(data)
                     self.cond.notify_all()
                 if not data:
@@ -129,7 +131,8 @@ class Direction:
 
 class Relay:
     """Listens on every ``(addr, netns)`` route; each accepted connection is forwarded to the
-    same address inside ``netns`` with ``delay_s`` each way."""
+    same address inside ``netns`` with ``delay_s`` each way (``delay_s`` may change while
+    connections are up; a chunk keeps the delay it was read with)."""
 
     def __init__(self, routes: list[tuple[tuple[str, int], str]], delay_s: float):
         self.routes, self.delay_s = routes, delay_s
@@ -176,8 +179,8 @@ class Relay:
                         pass
                     s.close()
 
-        Direction(a, b, self.delay_s, on_end).start()
-        Direction(b, a, self.delay_s, on_end).start()
+        Direction(a, b, self, on_end).start()
+        Direction(b, a, self, on_end).start()
 
 
 # ---------------------------------------------------------------------- probes (calibration)
@@ -281,9 +284,17 @@ def main(argv=None) -> int:
         for text in args.route:
             addr, _, netns = text.partition("=")
             routes.append((_addr(addr), netns))
-        Relay(routes, args.delay_ms / 1000).start()
+        relay = Relay(routes, args.delay_ms / 1000)
+        relay.start()
         print("ready", flush=True)
-        threading.Event().wait()
+        for line in sys.stdin:  # commands; EOF (the emulation gone) ends the relay
+            cmd = line.split()
+            if len(cmd) == 2 and cmd[0] == "delay":
+                relay.delay_s = float(cmd[1]) / 1000
+                print("ok", flush=True)
+            elif cmd:
+                print(f"error: unknown command {line.strip()!r} (known: delay <ms>)",
+                      flush=True)
     elif args.cmd == "probe-server":
         probe_server(_addr(args.listen))
     else:

@@ -194,6 +194,21 @@ class Client:
                                   for n in self.endpoint["nodes"]]
             return self._channels
 
+    def connect(self, timeout_s: float = 60.0) -> None:
+        """Opens the channel to every node now (TCP and the TLS handshake), so that the
+        first query's latency holds none of it; queries connect by themselves otherwise.
+
+        Raises:
+          QueryError: UNAVAILABLE, a node did not answer within ``timeout_s``.
+        """
+        for ch, node in zip(self._nodes(), self.endpoint["nodes"], strict=True):
+            try:
+                grpc.channel_ready_future(ch).result(timeout=timeout_s)
+            except grpc.FutureTimeoutError:
+                raise QueryError(f"node {node['id']} at {node['io']} did not answer within "
+                                 f"{timeout_s:g} s: is the service up?",
+                                 "UNAVAILABLE") from None
+
     def close(self) -> None:
         with self._lock:
             for ch in self._channels:
