@@ -140,7 +140,8 @@ def run_split(args) -> dict:
     config, params, tokenizer = load_pretrained(args.model)
     # The plaintext side runs what the service serves (the prepared model) on what the client
     # shares (public-table rows, hash-checked, or one-hot rows).
-    config, params = prepare(config, params)
+    cluster = load_config(args.config)
+    config, params = prepare(config, params, cluster.protocol)
     table = client_table(config)
     lengths = [len(x) for x in tokenizer(texts, truncation=False)["input_ids"]]
     queries = plan(lengths, args.batch)[:args.limit]
@@ -149,7 +150,6 @@ def run_split(args) -> dict:
     print(f"{name}: {len(queries) - len(todo)} of {len(queries)} queries already answered; "
           f"{len(todo)} to go", file=sys.stderr)
     fwd = jax.jit(make_private_forward(config))
-    cluster = load_config(args.config)
     with tempfile.TemporaryDirectory(prefix="split_") as state, open(out, "a") as f:
         service, client, restarts, k = None, None, 0, 0
         try:

@@ -314,6 +314,45 @@ def two_quad_newton(scores: Array, mask: Array, c: float = 5.0, *, values: Array
     return weights, masked_values, _calibrated_reciprocal(denom, bound * length)
 
 
+TWO_QUAD_C = 5.0  # MPCFormer's c, shared by every 2Quad normaliser
+
+
+def two_quad_len(scores: Array, mask: Array, c: float = TWO_QUAD_C, *,
+                 values: Array | None = None, key_weights: Array | None = None):
+    """2Quad normalised by the number of valid keys: (s + c)^2 / c^2 * mask / n, with
+    n = sum(mask), the row's number of real tokens (this project, issue 19).
+
+    2Quad divides each row by its own sum, so every layer pays one reciprocal per row (about
+    65 rounds a layer under ABY3 at BERT-base shape, most of quad+2quad+affine's rounds).
+    Here the divisor is the query's length, the same for every row, head and layer:
+    ``key_weights`` = mask / (c^2 n) is computed once per query (``query_key_weights``, one
+    reciprocal of a (B,) vector) and each layer only multiplies. Rows no longer sum to one:
+    they sum to the mean of ((s + c) / c)^2 over the valid keys, which is 1 for scores near
+    zero (uniform attention, where 2Quad starts too) and grows with the scores' spread;
+    distillation fits the network to that, as it fits 2Quad's shape. Holds for any finite
+    scores (nothing data-dependent is divided); n >= 1 always ([CLS] is never masked).
+
+    ``values``: see ``_finish``; the key weights multiply the values (K x head_dim per
+    head) and nothing is divided afterwards (reciprocal None).
+    """
+    if key_weights is None:
+        key_weights = query_key_weights(mask.reshape(mask.shape[0], mask.shape[-1]), c)
+    weights = jnp.square(scores + c)
+    if values is None:
+        return weights * key_weights[:, None, None, :].astype(weights.dtype)
+    return weights, values * key_weights[:, :, None, None].astype(values.dtype), None
+
+
+def query_key_weights(mask: Array, c: float = TWO_QUAD_C, folded: bool = False) -> Array:
+    """mask / (c^2 n) per batch row, n = sum(mask) (``two_quad_len``): once per query.
+
+    ``folded``: the model's attention output layer holds the 1 / c^2 (``models.fold``), so
+    only mask / n is computed: no multiplication by a public constant on secrets. Named so
+    cost attribution counts it with the attention normaliser (private/compile.py)."""
+    inverse = jnp.reciprocal(jnp.sum(mask, axis=-1, keepdims=True))
+    return mask * (inverse if folded else inverse * (1.0 / (c * c)))
+
+
 def _calibrated_reciprocal(denom: Array, bound: float) -> Array:
     # Named so cost attribution counts it with the attention normaliser (private/compile.py).
     return newton_reciprocal(denom, bound)
@@ -416,8 +455,13 @@ SOFTMAX_APPROX: dict[str, NormaliserFn] = {
     "2relu": two_relu,
     "puma": puma_softmax,
     "2quad_newton": two_quad_newton,
+    "2quad_len": two_quad_len,
     "identity": mask_only,
 }
+
+# Normalisers that take the query's ``key_weights`` (``query_key_weights``), computed once
+# per query by the model and passed to every layer.
+PER_QUERY_KEY_WEIGHTS = frozenset({"2quad_len"})
 
 NORM_APPROX: dict[str, NormFn] = {
     "layernorm": layernorm,

@@ -98,6 +98,42 @@ def test_two_quad_formula():
                                num / num.sum(-1, keepdims=True), rtol=1e-5)
 
 
+def test_two_quad_len_formula_and_one_reciprocal_per_query():
+    scores, mask = _scores_and_mask()
+    n = mask.sum(-1, keepdims=True)  # valid keys per row
+    expected = (scores + 5.0) ** 2 / 25.0 * mask / n
+    np.testing.assert_allclose(approx.two_quad_len(scores, mask), expected, rtol=1e-5)
+    # Zero scores: uniform attention over the valid keys, as 2Quad's own start.
+    probs = np.asarray(approx.two_quad_len(jnp.zeros_like(scores), mask))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+    # The divisor is the query's length, not the row's sum: doubling one row's scores' spread
+    # changes that row's total (not a distribution), never another row's weights.
+    wide = approx.two_quad_len(scores * 3.0, mask)
+    assert not np.allclose(np.asarray(wide).sum(-1), 1.0)
+    # Folded: mask / n only (the 1 / c^2 is in the attention output weights).
+    flat = mask.reshape(mask.shape[0], mask.shape[-1])
+    per_row = flat / flat.sum(-1, keepdims=True)
+    np.testing.assert_allclose(approx.query_key_weights(flat, folded=True), per_row, rtol=1e-6)
+    np.testing.assert_allclose(approx.query_key_weights(flat), per_row / 25.0, rtol=1e-6)
+
+
+def test_two_quad_len_costs_no_reciprocal_per_layer():
+    # The model computes the key weights once; with them given, a layer's normaliser holds
+    # no reciprocal (division) at all.
+    scores, mask = _scores_and_mask()
+    flat = mask.reshape(mask.shape[0], mask.shape[-1])
+    kw = approx.query_key_weights(flat)
+    jaxpr = jax.make_jaxpr(lambda s, v: approx.two_quad_len(s, mask, values=v, key_weights=kw))(
+        scores, jnp.ones((scores.shape[0], scores.shape[-1], scores.shape[1], 2)))
+    eqns = jaxpr.jaxpr.eqns
+    assert not {e.primitive.name for e in eqns} & {"div", "rsqrt", "exp", "log"}
+    assert all(e.params.get("y", 1) > 0 for e in eqns if e.primitive.name == "integer_pow")
+    # ... while the standalone call (no key weights) divides once, by the row count.
+    alone = jax.make_jaxpr(lambda s: approx.two_quad_len(s, mask))(scores).jaxpr.eqns
+    assert any(e.primitive.name == "div" or (e.primitive.name == "integer_pow"
+                                             and e.params["y"] < 0) for e in alone)
+
+
 def test_two_relu_formula_and_all_negative_row():
     scores, mask = _scores_and_mask()
     num = jnp.maximum(scores, 0) * mask

@@ -38,6 +38,18 @@ def test_round_trip_keeps_params_and_approximations(tmp_path):
     assert saved["hidden_act"] == "gelu" and saved["mpcformer"]["softmax_act"] == "2relu"
 
 
+def test_round_trip_of_the_length_normalised_2quad(tmp_path):
+    config = BertConfig.tiny(num_labels=2).with_approximation("quad+2quad_len+affine")
+    params = init_params(config, 5)
+    save_pretrained(tmp_path / "m", config, params)
+    again, params2, _ = load_pretrained(tmp_path / "m")
+    assert again == config and again.softmax_act == "2quad_len"
+    ids = np.array([[3, 9, 11, 4, 0], [5, 6, 7, 8, 9]])
+    mask = np.array([[1, 1, 1, 1, 0], [1] * 5])
+    np.testing.assert_array_equal(np.asarray(forward(config, params, ids, mask)),
+                                  np.asarray(forward(again, params2, ids, mask)))
+
+
 def test_transformers_flax_class_loads_an_exported_model_to_the_same_logits(tmp_path):
     """An exported exact model is an ordinary HF checkpoint: transformers' own Flax class
     reads its safetensors (``from_pt``: PyTorch key names, no torch needed) and computes our

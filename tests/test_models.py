@@ -144,7 +144,8 @@ def test_config_validation():
     assert config.with_approximation("quad+2quad").softmax_act == "2quad"
 
 
-@pytest.mark.parametrize("choice", ["exact", "quad+2quad", "quad+2quad_newton+affine"])
+@pytest.mark.parametrize("choice", ["exact", "quad+2quad", "quad+2quad_newton+affine",
+                                    "quad+2quad_len+affine"])
 def test_block_diagonal_heads_give_the_same_forward(choice):
     config = BertConfig.tiny(num_labels=3).with_approximation(choice)
     params = init_params(config, 1)

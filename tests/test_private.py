@@ -39,7 +39,8 @@ def batch(tiny):
 
 
 @pytest.mark.parametrize("name,protocol,n", [("aby3_3pc", "ABY3", 3), ("semi2k_2pc", "SEMI2K", 2),
-                                             ("cheetah_2pc", "CHEETAH", 2)])
+                                             ("cheetah_2pc", "CHEETAH", 2),
+                                             ("semi2k_2pc_local_trunc", "SEMI2K", 2)])
 def test_ready_configs_load(name, protocol, n):
     cfg = load_config(name)
     assert (cfg.protocol, cfg.world_size) == (protocol, n)
@@ -108,6 +109,18 @@ def test_private_logits_match_plaintext(tiny, batch, protocol):
     assert abs(sum(g.bytes for g in report.groups.values()) - report.total.bytes) \
         <= 0.01 * report.total.bytes
     assert report.input_bytes["owner"] > report.input_bytes["client"] > 0
+
+
+def test_semi2k_local_truncation_is_a_named_config_with_fewer_rounds(tiny, batch):
+    local = load_config("semi2k_2pc_local_trunc")
+    assert local.runtime_config().trunc_allow_msb_error
+    assert not load_config("semi2k_2pc").runtime_config().trunc_allow_msb_error
+    fast = run(tiny, batch, config=local)
+    assert fast.max_abs_diff < TOL and fast.label_agreement == 1.0
+    default = run(tiny, batch, protocol="SEMI2K", compare=False)
+    # No opening per truncation: fewer rounds and fewer bytes for the same program.
+    assert fast.report.total.rounds < default.report.total.rounds
+    assert fast.report.total.bytes < default.report.total.bytes
 
 
 def test_compiles_once_per_shape(tiny, batch):

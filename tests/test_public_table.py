@@ -19,6 +19,7 @@ from mpcformer_jax.private import run
 from mpcformer_jax.private.model import (
     client_table,
     encode_client_inputs,
+    lowering_for,
     prepare,
     prepared_param_shapes,
 )
@@ -51,7 +52,7 @@ def public_student(tmp_path_factory):
 # ------------------------------------------------------------------ plaintext identities
 
 
-@pytest.mark.parametrize("approximation", ["quad+2quad", "exact"])
+@pytest.mark.parametrize("approximation", ["quad+2quad", "exact", "quad+2quad_len+affine"])
 def test_fold_changes_nothing(approximation):
     config = BertConfig.tiny().with_approximation(approximation)
     params = init_params(config, 1)
@@ -61,6 +62,34 @@ def test_fold_changes_nothing(approximation):
     np.testing.assert_allclose(forward(folded_config, folded, *batch.values()),
                                forward(config, params, *batch.values()), atol=1e-5)
     assert fold(folded_config, folded)[1] is folded  # folding twice is a no-op
+
+
+@pytest.mark.parametrize("protocol", ["ABY3", "SEMI2K", "CHEETAH"])
+@pytest.mark.parametrize("approximation", ["exact", "quad+2quad", "quad+2quad_len+affine"])
+def test_prepare_for_each_protocol_gives_the_same_forward(protocol, approximation):
+    # Each protocol gets its own lowering (private.model.LOWERING); every lowering computes
+    # the unprepared model's function, also for every combination of the two choices.
+    config = BertConfig.tiny().with_approximation(approximation)
+    params = init_params(config, 1)
+    batch = _batch(config.vocab_size)
+    expected = np.asarray(forward(config, params, *batch.values()))
+    for lowering in [None, *({"block_diagonal_heads": b, "gram_variance": g}
+                             for b in (True, False) for g in (True, False))]:
+        prepared_config, prepared = prepare(config, params, protocol, lowering)
+        assert prepared_config.folded
+        if lowering is None:
+            assert {k: getattr(prepared_config, k) for k in lowering_for(protocol)} == \
+                lowering_for(protocol)
+        np.testing.assert_allclose(
+            np.asarray(forward(prepared_config, prepared, *batch.values())), expected,
+            atol=1e-5)
+    # Preparing a prepared model (run() does, for a model given as (config, params)) keeps
+    # its lowering: a measurement's override survives.
+    per_head = {"block_diagonal_heads": False, "gram_variance": False}
+    once = prepare(config, params, protocol, per_head)[0]
+    assert prepare(once, params, protocol)[0] == once
+    with pytest.raises(ValueError, match="unknown protocol 'SPDZ'.*ABY3"):
+        prepare(config, params, "SPDZ")
 
 
 def test_fused_qkv_changes_nothing():
@@ -148,13 +177,22 @@ def test_card_carries_the_prepared_config(public_student, tmp_path):
 
 @pytest.mark.parametrize("approximation", ["quad+2quad+affine", "quad+2quad+affine@0:2",
                                            "quad+2quad_newton+layernorm_newton",
-                                           "quad+2quad_newton"])
+                                           "quad+2quad_newton", "quad+2quad_len+affine"])
 def test_variant_private_matches_plaintext(approximation):
     # Random weights at the default init (0.02) keep attention scores and residuals small,
     # inside the newton variants' default bounds.
     config = BertConfig.tiny(vocab_size=100).with_approximation(approximation)
     params = init_params(config, 0)
     result = run((config, params), _batch(config.vocab_size), protocol="ABY3")
+    assert np.all(np.isfinite(result.plaintext_logits))
+    assert result.max_abs_diff < TOL and result.label_agreement == 1.0
+
+
+@pytest.mark.parametrize("protocol", ["ABY3", "SEMI2K", "CHEETAH"])
+def test_length_normalised_2quad_private_matches_plaintext_under_each_protocol(protocol):
+    config = BertConfig.tiny(vocab_size=100).with_approximation("quad+2quad_len+affine")
+    params = init_params(config, 0)
+    result = run((config, params), _batch(config.vocab_size), protocol=protocol)
     assert np.all(np.isfinite(result.plaintext_logits))
     assert result.max_abs_diff < TOL and result.label_agreement == 1.0
 

@@ -61,7 +61,8 @@ def client_batch(vocab_size: int, seq_len: int, seed: int = 0) -> dict[str, np.n
 
 def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
             runtime: dict | None = None, compiler: dict | None = None,
-            seed: int = 0, public_table: bool = False) -> Record:
+            seed: int = 0, public_table: bool = False,
+            lowering: dict[str, bool] | None = None) -> Record:
     """Runs ``variant`` at ``shape`` with ``layers`` encoder layers; returns its Record.
 
     The record holds wall time, bytes, messages and rounds (all parties; rounds as in
@@ -70,6 +71,7 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
 
     ``public_table``: the word-embedding table is public (the random model's own stands in
     for a public checkpoint's): the client looks up and shares (L, hidden) vectors.
+    ``lowering``: overrides the protocol's lowering (``private.model.LOWERING``).
     """
     config = shape.config(layers).with_approximation(variant.approximation)
     params = init_params(config, seed)  # random weights: cost does not depend on them
@@ -78,7 +80,7 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
         table = word_table(params)
         config = config.replace(public_table_source="random",
                                 public_table_sha256=table_sha256(table))
-    config, params = prepare(config, params)  # what the owner compiles and shares
+    config, params = prepare(config, params, protocol, lowering)  # what the owner shares
     batch = client_batch(config.vocab_size, shape.seq_len, seed)
     cluster = cluster_config(protocol, runtime, compiler)
     one_hot, mask = encode_client_inputs(config, batch["input_ids"], batch["attention_mask"],

@@ -198,7 +198,8 @@ class BertSelfAttention(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool):
+    def __call__(self, x: Array, mask: Array, deterministic: bool,
+                 key_weights: Array | None = None):
         cfg = self.config
         batch, seq_len, hidden = x.shape
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
@@ -232,6 +233,8 @@ class BertSelfAttention(nn.Module):
         # on the weights equals dropout on the probabilities: the division is per row.
         bound = cfg.softmax_bound(self.layer)
         extra = {} if bound is None else {"bound": bound}
+        if cfg.softmax_act in approx.PER_QUERY_KEY_WEIGHTS:
+            extra["key_weights"] = key_weights  # computed once per query (BertLayerStack)
         weights, values, reciprocal = approx.get_normaliser(cfg.softmax_act)(
             scores, key_mask, values=v, **extra)
         weights = nn.Dropout(cfg.attention_probs_dropout_prob)(weights,
@@ -269,9 +272,10 @@ class BertAttention(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool):
+    def __call__(self, x: Array, mask: Array, deterministic: bool,
+                 key_weights: Array | None = None):
         context, scores = BertSelfAttention(self.config, self.layer, name="self")(
-            x, mask, deterministic)
+            x, mask, deterministic, key_weights)
         out = BertResidualOutput(self.config, 1 + 2 * self.layer, name="output")(
             context, x, deterministic)
         return out, scores
@@ -294,9 +298,10 @@ class BertLayer(nn.Module):
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, deterministic: bool):
+    def __call__(self, x: Array, mask: Array, deterministic: bool,
+                 key_weights: Array | None = None):
         attended, scores = BertAttention(self.config, self.layer, name="attention")(
-            x, mask, deterministic)
+            x, mask, deterministic, key_weights)
         hidden = BertIntermediate(self.config, name="intermediate")(attended)
         out = BertResidualOutput(self.config, 2 + 2 * self.layer, name="output")(
             hidden, attended, deterministic)
@@ -309,8 +314,14 @@ class BertLayerStack(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool):
         hidden_states, scores = [], []
+        key_weights = None
+        if self.config.softmax_act in approx.PER_QUERY_KEY_WEIGHTS:
+            # Once per query, shared by every layer: the normaliser's only reciprocal.
+            key_weights = approx.query_key_weights(mask.astype(x.dtype),
+                                                   folded=self.config.folded)
         for i in range(self.config.num_hidden_layers):
-            x, s = BertLayer(self.config, i, name=str(i))(x, mask, deterministic)
+            x, s = BertLayer(self.config, i, name=str(i))(x, mask, deterministic,
+                                                          key_weights)
             hidden_states.append(x)
             scores.append(s)
         return x, tuple(hidden_states), tuple(scores)

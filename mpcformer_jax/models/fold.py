@@ -5,7 +5,8 @@ and bytes per element); multiplying a weight by it in plaintext, before the weig
 secret-shared, costs nothing. ``fold`` moves two such constants into the weights:
 
 * the attention scale 1/sqrt(head_dim) into the query kernel and bias;
-* quad's 0.125 and 0.375 into the FFN output layer (``approx.quad_folded``).
+* quad's 0.125 and 0.375 into the FFN output layer (``approx.quad_folded``);
+* ``2quad_len``'s 1 / c^2 into the attention output layer (``approx.query_key_weights``).
 
 The folded model computes the same function (tested); its config says ``folded=True`` so the
 forward skips what the weights now hold. Only the owner folds, for private inference.
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mpcformer_jax import approx
 from mpcformer_jax.models.config import BertConfig
 
 
@@ -37,6 +39,12 @@ def fold(config: BertConfig, params: dict[str, Any]) -> tuple[BertConfig, dict[s
         self_att = dict(attention["self"])
         self_att["query"] = {k: v * scale for k, v in self_att["query"].items()}
         attention["self"] = self_att
+        if config.softmax_act in approx.PER_QUERY_KEY_WEIGHTS:
+            # context / c^2 @ W = context @ (W / c^2): the bias is added after the product.
+            out = dict(attention["output"])
+            out["dense"] = {**out["dense"],
+                            "kernel": out["dense"]["kernel"] / approx.TWO_QUAD_C ** 2}
+            attention["output"] = out
         layer["attention"] = attention
         if config.hidden_act == "quad":
             out = dict(layer["output"])

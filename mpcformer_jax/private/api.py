@@ -121,7 +121,7 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
     cluster = resolve_cluster(protocol, config)
     model_config, params, tokenizer = load_model(model)
     # The owner's plaintext step: fold, and drop a public word table from what is shared.
-    model_config, params = prepare(model_config, params)
+    model_config, params = prepare(model_config, params, cluster.protocol)
     ids, mask = prepare_batch(model_config, tokenizer, batch, max_length)
     # The client's: public-table rows (hash-checked table) or one-hot rows.
     client_input, mask_f = encode_client_inputs(model_config, ids, mask,

@@ -25,25 +25,56 @@ from mpcformer_jax.models.public_table import (
 from mpcformer_jax.private.compile import compile_cached
 
 
-def prepare(config: BertConfig, params) -> tuple[BertConfig, dict]:
-    """What the owner compiles and shares: the model folded for MPC (``models.fold``), its
-    heads' attention products as single block-diagonal matmuls, LayerNorm variances from a
-    Gram product (``bert.GramLayerNorm``), and without its
-    word-embedding table when that table is public (the client looks up).
+# How ``prepare`` lowers the products whose cheapest form depends on the protocol (issue 19;
+# the measurements behind each choice are in the README, "Lowering per protocol"):
+# * block_diagonal_heads: all heads' attention products as one matmul against a
+#   block-diagonal operand (public zeros) instead of one matmul per head. SPU runs a batched
+#   dot_general as one matmul per head, each with its own messages and truncation; one
+#   matmul has them once, but opens (Beaver) or shares the 12x larger block operand;
+# * gram_variance: exact LayerNorm's token variances off the diagonal of one Gram product
+#   instead of B L H elementwise squares.
+LOWERING: dict[str, dict[str, bool]] = {
+    "ABY3": {"block_diagonal_heads": True, "gram_variance": True},
+    "SEMI2K": {"block_diagonal_heads": True, "gram_variance": True},
+    "CHEETAH": {"block_diagonal_heads": True, "gram_variance": True},
+}
 
-    Run by the owner, in plaintext, before anything is shared; idempotent.
+
+def lowering_for(protocol: str) -> dict[str, bool]:
+    """The lowering ``prepare`` uses under ``protocol`` (ABY3, SEMI2K, CHEETAH)."""
+    try:
+        return LOWERING[protocol.upper()]
+    except KeyError:
+        raise ValueError(f"unknown protocol {protocol!r}: one of "
+                         f"{', '.join(LOWERING)}") from None
+
+
+def prepare(config: BertConfig, params, protocol: str = "ABY3",
+            lowering: dict[str, bool] | None = None) -> tuple[BertConfig, dict]:
+    """What the owner compiles and shares: the model folded for MPC (``models.fold``), lowered
+    for ``protocol`` (``LOWERING``: the heads' attention products as one block-diagonal
+    matmul or per head, LayerNorm variances from a Gram product or from squares; the same
+    function either way), and without its word-embedding table when that table is public
+    (the client looks up).
+
+    ``lowering``: overrides ``LOWERING[protocol]`` field by field (for measurements).
+    Run by the owner, in plaintext, before anything is shared; idempotent: a prepared model
+    keeps its lowering unless ``lowering`` is given.
     """
-    config, params = fold(config, params)
-    config = prepared_config(config)
+    already_prepared = config.folded
+    config, params = fold(config, params)  # a no-op on a folded model
+    if not already_prepared or lowering:
+        config = prepared_config(config, protocol, lowering)
     if config.public_table_source and "word_embeddings" in params["bert"]["embeddings"]:
         params = without_word_table(params)
     return config, params
 
 
-def prepared_config(config: BertConfig) -> BertConfig:
+def prepared_config(config: BertConfig, protocol: str = "ABY3",
+                    lowering: dict[str, bool] | None = None) -> BertConfig:
     """The config ``prepare`` returns, from the config alone (no weights needed): what the
     public card carries, so a client compiles the program the nodes run."""
-    return config.replace(folded=True, block_diagonal_heads=True, gram_variance=True)
+    return config.replace(folded=True, **{**lowering_for(protocol), **(lowering or {})})
 
 
 def prepared_param_shapes(config: BertConfig) -> dict:

@@ -82,7 +82,7 @@ def preflight(cluster: ClusterConfig, model_dir: str | Path, buckets, local_node
     try:
         folder = resolve_checkpoint(model_dir)
         hf = json.loads((folder / "config.json").read_text())
-        config = prepared_config(BertConfig.from_hf_config(hf))  # what the owner will serve
+        config = prepared_config(BertConfig.from_hf_config(hf), cluster.protocol)  # as served
     except FileNotFoundError as err:
         raise ServiceError(f"model {str(model_dir)!r}: {err}") from None
     except (OSError, json.JSONDecodeError, ValueError, KeyError, TypeError) as err:

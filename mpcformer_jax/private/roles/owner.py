@@ -79,7 +79,7 @@ class Owner:
         self.cluster, self.ident = cluster, ident
         # In plaintext, before compiling or sharing anything: fold the public constants into
         # the weights, and keep a public word table out of the shares (the client has it).
-        self.config, params = prepare(*load_pretrained(model_dir)[:2])
+        self.config, params = prepare(*load_pretrained(model_dir)[:2], cluster.protocol)
         self.buckets = parse_buckets(buckets)
         too_long = [b for b in self.buckets if b[1] > self.config.max_length]
         if too_long:
