@@ -459,6 +459,25 @@ SOFTMAX_APPROX: dict[str, NormaliserFn] = {
     "identity": mask_only,
 }
 
+# A normaliser a progressive student may replace, by the one its start was distilled with
+# (``DistillConfig.norm_students_from``): 2quad_len and 2quad_newton start from a 2quad student.
+PROGRESSIVE_FROM = {"2quad_len": "2quad", "2quad_newton": "2quad"}
+
+
+def progressive_starts(choice: Approximation) -> list[Approximation]:
+    """The students a progressive ``choice`` may start from, first choice first: the same
+    choice with exact LayerNorm, then with its normaliser's ``PROGRESSIVE_FROM`` as well.
+    Empty for a choice with nothing to replace progressively (exact LayerNorm and a
+    normaliser distilled from the teacher)."""
+    starts = []
+    if choice.norm != "layernorm":
+        starts.append(dataclasses.replace(choice, norm="layernorm"))
+    if choice.softmax in PROGRESSIVE_FROM:
+        starts.append(dataclasses.replace(choice, softmax=PROGRESSIVE_FROM[choice.softmax],
+                                          norm="layernorm"))
+    return starts
+
+
 # Normalisers that take the query's ``key_weights`` (``query_key_weights``), computed once
 # per query by the model and passed to every layer.
 PER_QUERY_KEY_WEIGHTS = frozenset({"2quad_len"})

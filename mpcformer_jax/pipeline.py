@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 
-from mpcformer_jax.approx import EXACT, Approximation
+from mpcformer_jax.approx import EXACT, Approximation, progressive_starts
 from mpcformer_jax.data import batches, load_task, tokenize_split
 from mpcformer_jax.models import BertConfig, load_pretrained, resolve_checkpoint, save_pretrained
 from mpcformer_jax.models.calibrate import calibrate
@@ -251,13 +251,15 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         choice = approximation.name
         where = out if len(cfg.approximations) == 1 else out / choice
         ckpt = out / "ckpt" / choice
-        progressive = cfg.norm_students_from != "teacher" and approximation.norm != "layernorm"
+        starts = [b.name for b in progressive_starts(approximation)
+                  if b.name in distilled]
+        progressive = cfg.norm_students_from != "teacher" and bool(starts)
         if progressive:
             # Progressive replacement: the network first learned quad and 2quad with its
             # LayerNorms; the replaced sites are now fitted to that student's own LayerNorm
-            # outputs (models.calibrate), and distillation goes on from there.
-            base_config, base_params = distilled[
-                dataclasses.replace(approximation, norm="layernorm").name]
+            # outputs (models.calibrate), a replaced normaliser takes over that student's
+            # weights, and distillation goes on from there.
+            base_config, base_params = distilled[starts[0]]
             student_config, student_params = calibrate(
                 base_config.with_approximation(approximation),
                 parallel.host_params(base_params), calibration_data)

@@ -182,7 +182,9 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     stage = StageConfig(epochs=1, batch_size=16, max_steps=3, learning_rate=1e-3)
     cfg = DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint), max_train=64,
                         max_dev=32, max_test=32, max_length=32, buckets=(32,),
-                        student_layers=1, approximations=("quad+2quad", "quad+2quad+affine@1"),
+                        student_layers=1,
+                        approximations=("quad+2quad", "quad+2quad+affine@1",
+                                        "quad+2quad_len+affine"),
                         teacher=stage, stage1=stage, stage2=stage, baseline=stage,
                         public_word_embeddings=True, eval_batch_size=16,
                         norm_students_from="student_stage2", out_dir=str(tmp_path / "run"))
@@ -192,8 +194,11 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     assert (ckpt / "quad+2quad" / "stage1").exists()
     assert not (ckpt / "quad+2quad+affine@1" / "stage1").exists()
     assert (ckpt / "quad+2quad+affine@1" / "stage2").exists()
+    # So did the length-normalised one (a new normaliser and affine norms at once).
+    assert not (ckpt / "quad+2quad_len+affine" / "stage1").exists()
+    assert (ckpt / "quad+2quad_len+affine" / "stage2").exists()
     assert [r["model"] for r in results["rows"]] == ["teacher"] + \
-        ["student (KD)", "baseline (no KD)"] * 2
+        ["student (KD)", "baseline (no KD)"] * 3
     assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
     student = Path(results["exports"]["quad+2quad"])
     config, _, _ = load_pretrained(student)
@@ -209,6 +214,8 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     affine, _, _ = load_pretrained(results["exports"]["quad+2quad+affine@1"])
     assert affine.norm_act == "affine@1"
     assert affine.public_table_sha256 == config.public_table_sha256
+    length_normalised, _, _ = load_pretrained(results["exports"]["quad+2quad_len+affine"])
+    assert (length_normalised.softmax_act, length_normalised.norm_act) == ("2quad_len", "affine")
     # A second run with the same config resumes: every stage is already done.
     again = run_pipeline(cfg)
     assert again["rows"] == results["rows"]
@@ -396,6 +403,13 @@ def test_norm_students_from_needs_the_exact_layernorm_student_listed_first():
                       norm_students_from="student_stage2")
     with pytest.raises(ValueError, match="norm_students_from must be one of teacher, student"):
         DistillConfig(norm_students_from="baseline")
+    # A replaced normaliser starts from its exact-LayerNorm form or from 2quad's student.
+    DistillConfig(approximations=("quad+2quad", "quad+2quad_len+affine"),
+                  norm_students_from="student")
+    with pytest.raises(ValueError, match="list 'quad\\+2quad' before it"):
+        DistillConfig(approximations=("quad+2quad_len",), norm_students_from="student")
+    with pytest.raises(ValueError, match="list 'quad\\+2quad_len' or 'quad\\+2quad' before"):
+        DistillConfig(approximations=("quad+2quad_len+affine",), norm_students_from="student")
 
 
 def test_compile_cache_is_off_unless_asked_for_and_refuses_a_file(tmp_path, capsys):

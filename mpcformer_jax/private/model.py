@@ -24,7 +24,6 @@ from mpcformer_jax.models.public_table import (
 )
 from mpcformer_jax.private.compile import compile_cached
 
-
 # How ``prepare`` lowers the products whose cheapest form depends on the protocol (issue 19;
 # the measurements behind each choice are in the README, "Lowering per protocol"):
 # * block_diagonal_heads: all heads' attention products as one matmul against a

@@ -95,7 +95,8 @@ class DistillConfig:
         MSE terms; MPCFormer uses (1, 1, 1).
       teacher, stage1, stage2, baseline: optimisation of each stage.
       run_baseline: also train the no-distillation baseline.
-      norm_students_from: where a student that replaces LayerNorm starts (progressive
+      norm_students_from: where a student that replaces LayerNorm, or whose normaliser is
+        one ``approx.PROGRESSIVE_FROM`` replaces (2quad_len), starts (progressive
         replacement). "teacher" (the default): the teacher's weights, like every student.
         "student": the distilled student of the same run with the same activation and
         softmax and exact LayerNorm (listed before it), calibrated from there, then both
@@ -155,11 +156,12 @@ class DistillConfig:
         if self.norm_students_from != "teacher":
             listed = [approx.Approximation.parse(a) for a in self.approximations]
             for i, a in enumerate(listed):
-                base = dataclasses.replace(a, norm="layernorm")
-                if a.norm != "layernorm" and base not in listed[:i]:
+                starts = approx.progressive_starts(a)
+                if starts and not any(b in listed[:i] for b in starts):
+                    names = " or ".join(repr(b.name) for b in starts)
                     raise ValueError(
                         f"norm_students_from={self.norm_students_from!r}: {a.name} starts from "
-                        f"the {base.name} student, so list {base.name!r} before it in "
+                        f"the {starts[0].name} student, so list {names} before it in "
                         "approximations.")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
