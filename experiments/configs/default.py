@@ -5,6 +5,7 @@ Command (no arguments means this config):
     python -m experiments.distill --config default:smoke   # ~2 min pipeline check
     python -m experiments.distill --config default:pairs   # all four approximation pairs
     python -m experiments.distill --config default:norms   # beside LayerNorm replaced (progressive)
+    python -m experiments.distill --config default:len     # + 2quad_len and affine (progressive)
 
 Subsampled so it finishes on a laptop-class CPU: 1,600 of rt's 10,643 training snippets,
 400 dev snippets (checkpoint selection) and the full 965-snippet test split; max_length 64
@@ -72,7 +73,15 @@ def get_config(variant: str = "") -> DistillConfig:
                                    approximations=NORM_REPLACEMENTS, run_baseline=False,
                                    norm_students_from=NORM_STUDENTS_FROM,
                                    out_dir="runs/default_norms")
+    if variant == "len":
+        # Issue 19: the normaliser whose reciprocal is paid once per query (2quad_len) with
+        # affine norms, started from the distilled quad+2quad student, both stages (its
+        # attention differs from 2quad's, so stage 1 re-matches the hidden states first).
+        return dataclasses.replace(cfg, name="default (2quad_len, progressive)",
+                                   approximations=("quad+2quad", "quad+2quad_len+affine"),
+                                   run_baseline=False, norm_students_from="student",
+                                   out_dir="runs/default_len")
     if variant:
         raise ValueError(f"Unknown variant {variant!r} of config 'default'; available: smoke, "
-                         "pairs, norms.")
+                         "pairs, norms, len.")
     return cfg
