@@ -291,12 +291,36 @@ def to_markdown(rows: list[dict], command: str) -> str:
             f"{r.get('ratio', '-')} | {r['rounds']} | {r.get('rounds_share', '-')} | "
             f"{cal['rtt_ms_median']:.2f} ms | "
             f"{cal.get('rate_mbit', '-')} Mbit/s |")
+    speed = speedups(rows)
+    if speed:
+        lines += ["", "Speedup over exact on the same link and bucket, measured (and the "
+                  "estimate's):", "", "| model | bucket | link | measured speedup | "
+                  "estimated speedup |", "|---|---|---|---:|---:|"]
+        lines += [f"| {m} | {b} | {link} | {ms:.2f}x | "
+                  f"{'-' if es is None else f'{es:.2f}x'} |"
+                  for (m, b, link), (ms, es) in speed.items()]
     cross = crossover_ms(rows)
     if cross:
         lines += ["", "Crossover (the one-way delay past which rounds x delay exceeds the rest "
                   "of the no-delay latency): " + ", ".join(
                       f"{m} {b} {d:.2f} ms" for (m, b), d in sorted(cross.items()))]
     return "\n".join(lines) + "\n"
+
+
+def speedups(rows: list[dict]) -> dict[tuple[str, str, str], tuple[float, float | None]]:
+    """Per (model, bucket, link) of a family with an exact member ("bert-base exact" for
+    "bert-base quad+2quad"): exact's latency / this model's, measured and estimated."""
+    exact = {(r["model"].rsplit(" ", 1)[0], r["bucket"], r["link"]): r for r in rows
+             if r["model"].endswith(" exact")}
+    out = {}
+    for r in rows:
+        ref = exact.get((r["model"].rsplit(" ", 1)[0], r["bucket"], r["link"]))
+        if ref is None or ref is r:
+            continue
+        est = (ref["estimate"]["total_s"] / r["estimate"]["total_s"]
+               if "estimate" in r and "estimate" in ref else None)
+        out[(r["model"], r["bucket"], r["link"])] = (ref["measured_s"] / r["measured_s"], est)
+    return out
 
 
 def crossover_ms(rows: list[dict]) -> dict[tuple[str, str], float]:
