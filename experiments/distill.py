@@ -3,8 +3,8 @@
 Runs ``mpcformer_jax.pipeline.run_pipeline`` on a config from ``experiments/configs``:
 fine-tune the teacher, distill each student (stage 1, stage 2), train the no-distillation
 baseline, evaluate all of them on the test split, print the table and export the students.
-With no arguments it runs ``configs/default.py`` (MiniLM-L6 on rt, quad+2quad; sized for about
-11 min on 2 free CPU cores, measured 24 min on 2 shared ones). Running the same command again
+With no arguments it runs ``configs/default.py`` (MiniLM-L6 on rt, quad+2quad; 21-23 min
+alone on 2 CPU cores). Running the same command again
 resumes a killed run.
 
 Examples:
@@ -12,6 +12,11 @@ Examples:
   python -m experiments.distill --config rt_full
   python -m experiments.distill --config trec_full:smoke --set stage1.epochs=1
   python -m experiments.distill --config default --print-config
+  python -m experiments.distill --check-expected    # exit 1 unless the table is the recorded one
+
+A config module may record the table its run prints (``EXPECTED``, per variant);
+``--check-expected`` compares a run with it cell by cell, so a code change that moves a
+published figure is caught by the command that produced it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,22 @@ def load_config(spec: str) -> DistillConfig:
                          "(files in experiments/configs/; add ':smoke' for a quick check).")
     module = importlib.import_module(f"experiments.configs.{name}")
     return module.get_config(variant) if variant else module.get_config()
+
+
+def expected_table(spec: str) -> str | None:
+    """The table rows (``| ... |`` lines) the config ``spec`` records for its run, or None."""
+    name, _, variant = spec.partition(":")
+    module = importlib.import_module(f"experiments.configs.{name}")
+    table = getattr(module, "EXPECTED", {}).get(variant)
+    return None if table is None else table_rows(table)
+
+
+def table_rows(text: str) -> str:
+    """The Markdown table rows of ``text`` (``format_table``'s output or a docstring's copy),
+    stripped: what a drift check compares (the wall time on the last line is not a result)."""
+    rows = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
+    return "\n".join("|".join(cell.strip() for cell in row.split("|")) for row in rows
+                     if not set(row) <= set("|-: "))  # cells unpadded, no separator line
 
 
 def config_names() -> list[str]:
@@ -100,11 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-cache", metavar="DIR", default=None,
                         help="keep XLA's compiled programs in DIR for later runs and resumes "
                              "(off by default: see enable_compile_cache)")
+    parser.add_argument("--check-expected", action="store_true",
+                        help="exit 1 unless the test table equals the one the config records "
+                             "(EXPECTED in its module): catches drift of a published figure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = apply_overrides(load_config(args.config), args.overrides)
         plan = check_config(cfg)  # the model and layer map, resolved once for the run
+        expected = _expected_for(args) if args.check_expected else None
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -121,7 +146,31 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     for pair, path in results["exports"].items():
         print(f"exported {pair} student: {path}")
+    if expected is not None:
+        got = table_rows(format_table(results))
+        if got != expected:
+            print(f"error: the table differs from the one {args.config} records (EXPECTED in "
+                  f"experiments/configs/{args.config.partition(':')[0]}.py): the code or the "
+                  f"data changed since it was taken. Expected:\n{expected}\nGot:\n{got}",
+                  file=sys.stderr)
+            return 1
+        print(f"the table equals the one {args.config} records", file=sys.stderr)
     return 0
+
+
+def _expected_for(args) -> str:
+    """The recorded table ``--check-expected`` compares with; refuses before any work if
+    there is none or if an override could change the results (only ``out_dir`` cannot)."""
+    changing = [o for o in args.overrides if o.partition("=")[0].strip() != "out_dir"]
+    if changing:
+        raise ValueError(f"--check-expected compares with the recorded run of {args.config}; "
+                         f"{', '.join(changing)} would change it: drop the override or the "
+                         "check.")
+    expected = expected_table(args.config)
+    if expected is None:
+        raise ValueError(f"{args.config} records no expected table (EXPECTED in its config "
+                         "module); run without --check-expected.")
+    return expected
 
 
 if __name__ == "__main__":

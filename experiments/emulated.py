@@ -366,7 +366,7 @@ def plot(rows: list[dict], path: str) -> None:
 def bert_base_folder(variant: str, root: Path, tokenizer_from: str) -> Path:
     """A BERT-base-shaped model of ``variant`` (12 layers, hidden 768) with random weights
     (cost does not depend on them) and the tokenizer of ``tokenizer_from`` (BERT's uncased
-    vocabulary in the default student), exported as a student folder."""
+    vocabulary in the shipped MiniLM-L6), exported as a student folder."""
     from transformers import AutoTokenizer
 
     from mpcformer_jax.approx import Approximation
@@ -376,7 +376,9 @@ def bert_base_folder(variant: str, root: Path, tokenizer_from: str) -> Path:
     folder = root / f"bert-base-{variant.replace('+', '_')}"
     if (folder / "config.json").exists():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    from mpcformer_jax.models.hf_io import resolve_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(tokenizer_from))
     config = BertConfig.base(vocab_size=tokenizer.vocab_size).with_approximation(
         Approximation.parse(variant))
     params = init_params(config, 0)
@@ -393,8 +395,9 @@ def main(argv=None) -> int:
     p.add_argument("models", nargs="*", help="exported model folders (runs/default/student)")
     p.add_argument("--bert-base", nargs="*", default=[], metavar="VARIANT",
                    help="BERT-base-shaped random-weight models of these variants")
-    p.add_argument("--tokenizer-from", default="runs/default/student",
-                   help="where --bert-base models take their tokenizer (BERT's vocabulary)")
+    p.add_argument("--tokenizer-from", default="minilm-l6",
+                   help="where --bert-base models take their tokenizer (BERT's uncased "
+                        "vocabulary; default: the shipped MiniLM-L6)")
     p.add_argument("--config", default="aby3_3pc", help="ready config or path (protocol)")
     p.add_argument("--preset", nargs="*", default=[], choices=sorted(PRESETS))
     p.add_argument("--delay-ms", type=float, nargs="*", default=[],
