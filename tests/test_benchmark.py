@@ -188,3 +188,42 @@ def test_mixed_norm_runs_deeper_fit_layers_and_extrapolates_exactly():
     assert full.messages == pytest.approx(r4.messages)
     assert full.bytes == pytest.approx(r4.bytes, rel=1e-3)
     assert r3.groups["layernorm"].messages > 0
+
+
+def test_compute_accounting_of_a_served_query(tiny_student, tmp_path, capsys):
+    from experiments import compute_accounting as ca
+    from mpcformer_jax.models import load_pretrained
+    from mpcformer_jax.private.model import prepared_config
+
+    config, _, _ = load_pretrained(tiny_student)
+    prepared = prepared_config(config, "ABY3")
+    assert prepared.block_diagonal_heads
+    sites = {s.name: s for s in ca.linear_sites(prepared, 2, 8)}
+    h, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    assert (sites["qkv"].m, sites["qkv"].k, sites["qkv"].n) == (16, h, 3 * h)
+    assert sites["ffn in"].macs_needed == 16 * h * config.intermediate_size * layers
+    scores = sites["attention scores"]  # block-diagonal: heads x the products it needs
+    assert (scores.m, scores.k, scores.n, scores.runs) == (8, h, heads * 8, 2 * layers)
+    assert scores.macs_executed == heads * scores.macs_needed
+    per_head = {s.name: s for s in ca.linear_sites(
+        prepared.replace(block_diagonal_heads=False), 2, 8)}["attention scores"]
+    assert per_head.macs_executed == per_head.macs_needed == scores.macs_needed
+
+    assert ca.main([str(tiny_student), "--bucket", "1x8", "--json",
+                    "--out", str(tmp_path / "acc")]) == 0
+    acc = json.loads(capsys.readouterr().out)  # stdout: the JSON alone
+    assert acc["label_agreement"] == 1.0 and acc["max_abs_diff"] < 0.05
+    groups = acc["groups"]
+    assert groups["linear"]["seconds"] > 0 and groups["activation"]["seconds"] > 0
+    assert acc["seconds_per_party"] == pytest.approx(sum(g["seconds"] for g in groups.values()))
+    # Every group's op breakdown adds up to its time; the linear group's time is mostly dots.
+    for g, ops in acc["ops"].items():
+        assert sum(ops.values()) == pytest.approx(groups[g]["seconds"], rel=1e-6, abs=1e-9)
+    assert any("dot" in op for op in acc["ops"]["linear"])
+    assert acc["linear_gemm_bound_s"] > 0 and acc["linear_vs_gemm_bound"] > 0
+    assert all(r["spu_gmacs_per_s"] > 0 and r["numpy_int64_gmacs_per_s"] > 0
+               for r in acc["linear"])
+    assert "GEMM-bound" in (tmp_path / "acc.md").read_text()
+    with pytest.raises(SystemExit):
+        ca.main([str(tmp_path / "nowhere")])
+    assert "no model folder" in capsys.readouterr().err

@@ -101,6 +101,8 @@ class CostReport:
       groups: total per op group (embedding, linear, attention_normaliser, activation,
         layernorm, other).
       ops: total per pphlo op name.
+      group_ops: per op group, total per pphlo op name (segmented runs: which ops a group's
+        time went to, arithmetic or data movement).
       input_bytes: bytes of the secret shares the owner and client sent into the cluster.
       notes: how figures were obtained.
     """
@@ -114,6 +116,7 @@ class CostReport:
     per_party: list[PartyTraffic] | None = None
     groups: dict[str, Traffic] = dataclasses.field(default_factory=dict)
     ops: dict[str, Traffic] = dataclasses.field(default_factory=dict)
+    group_ops: dict[str, dict[str, Traffic]] = dataclasses.field(default_factory=dict)
     input_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -190,7 +193,9 @@ def fill_report(report: CostReport, by_exe: dict[str, dict[str, Traffic]],
         for op, t in ops.items():
             t = Traffic(t.bytes, t.messages, t.time_s / max(parties_logging, 1), t.rounds)
             report.ops.setdefault(op, Traffic()).add(t)
-            groups[seg_group or OP_GROUPS.get(op, "other")].add(t)
+            group = seg_group or OP_GROUPS.get(op, "other")
+            groups[group].add(t)
+            report.group_ops.setdefault(group, {}).setdefault(op, Traffic()).add(t)
             report.total.add(t)
     report.groups = groups
 
