@@ -223,3 +223,31 @@ def test_results_print_a_score_for_regression(capsys):
     assert pos.label == "pos" and pos.probabilities == {"neg": 0.1192, "pos": 0.8808}
     print_results(QueryResult([pos], ["1x32"], CostReport("ABY3", 3), 1.0), as_json=False)
     assert capsys.readouterr().out.startswith("pos\t0.881\ta\t(truncated)")
+
+
+def test_semi2k_beaver_cache_opens_weights_once_per_runtime(tiny, batch):
+    """A node's second query under SEMI2K opens only the activations' masks (the weights'
+    are cached, model.with_cached_weights); the first pays them; answers equal plaintext.
+    Under ABY3 (no Beaver triples) the mark changes nothing."""
+    from mpcformer_jax.private.model import LOWERING, prepare
+
+    assert LOWERING["SEMI2K"]["beaver_cache_weights"]
+    off = {"beaver_cache_weights": False}
+    cold = run(tiny, batch, protocol="SEMI2K")
+    warm = run(tiny, batch, protocol="SEMI2K", warm_queries=1)
+    warm_off = run(tiny, batch, protocol="SEMI2K", warm_queries=1, lowering=off)
+    for r in (cold, warm, warm_off):
+        assert r.max_abs_diff < 0.05 and r.label_agreement == 1.0
+    assert cold.report.total.bytes == warm_off.report.total.bytes
+    assert cold.report.total.rounds == warm.report.total.rounds  # openings merged, not cut
+    # The weights' openings: 2 parties x 8 bytes x every kernel element (and the table).
+    config, params = prepare(*tiny[:2], "SEMI2K")
+    import jax
+    weights = sum(np.size(w) for path, w in jax.tree_util.tree_leaves_with_path(params)
+                  if jax.tree_util.keystr(path).endswith(("['kernel']", "['embedding']")))
+    saved = cold.report.total.bytes - warm.report.total.bytes
+    assert saved == pytest.approx(2 * 8 * weights, rel=0.1)
+    assert "qkv" in params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]
+    aby3 = run(tiny, batch, protocol="ABY3", warm_queries=1, lowering={"beaver_cache_weights":
+                                                                        True})
+    assert aby3.report.total.bytes == run(tiny, batch, protocol="ABY3").report.total.bytes

@@ -576,3 +576,28 @@ def test_public_table_model_is_served_and_verified(service, tiny_student, tmp_pa
             assert upload < one_hot_client.upload["bytes"]
     finally:
         svc.stop()
+
+
+@pytest.mark.slow  # starts SPU node processes
+def test_semi2k_service_opens_the_weights_once_and_answers_every_query(tiny_student, tmp_path):
+    """SEMI2K's Beaver cache (LOWERING: beaver_cache_weights): the nodes hold the weights'
+    opened masks after the first query of a bucket; every later query, in any bucket, still
+    equals plaintext, and sends fewer bytes than the first."""
+    data = load_config("semi2k_2pc").to_dict()
+    data["service"] = {"max_queue": 4, "share_wait_s": 5}
+    svc = Service(load_config(data), tiny_student, tmp_path / "state", "1x8,4x8")
+    try:
+        svc.start()
+        with Client(svc.state) as client:
+            first = client.classify(TEXTS[:1])
+            _check(first, tiny_student, TEXTS[:1])
+            again = client.classify(TEXTS[1:2])
+            _check(again, tiny_student, TEXTS[1:2])
+            four = client.classify(TEXTS)  # another program, the same weights' cache
+            _check(four, tiny_student, TEXTS)
+            once_more = client.classify(TEXTS[2:3])
+            _check(once_more, tiny_student, TEXTS[2:3])
+    finally:
+        svc.stop()
+    linear = [r.cost.groups["linear"].bytes for r in (first, again, once_more)]
+    assert linear[1] == linear[2] < 0.8 * linear[0]

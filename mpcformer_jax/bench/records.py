@@ -63,6 +63,7 @@ class Record:
     runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
     compiler: dict[str, Any] = dataclasses.field(default_factory=dict)
     extrapolated_from: tuple[int, int] | None = None
+    warm_queries: int = 0  # queries run first on the same runtimes (a long-lived node's)
 
     @property
     def label(self) -> str:

@@ -209,15 +209,20 @@ class BertSelfAttention(nn.Module):
 
         # Q, K and V as one (H x 3H) product: under MPC one matmul and one truncation where
         # three would run one after another (two rounds fewer per layer). The parameters stay
-        # HF's three Dense layers.
-        parts = [_DenseParams(hidden, cfg.hidden_size, cfg.initializer_range, name=n)()
-                 for n in ("query", "key", "value")]
-        if cfg.fuse_qkv:
-            kernel = jnp.concatenate([k for k, _ in parts], axis=1)
-            bias = jnp.concatenate([b for _, b in parts])
+        # HF's three Dense layers, unless the owner stored them fused (``stored_qkv``).
+        if cfg.stored_qkv:
+            kernel, bias = _DenseParams(hidden, 3 * cfg.hidden_size, cfg.initializer_range,
+                                        name="qkv")()
             q, k, v = jnp.split(x @ kernel + bias, 3, axis=-1)
         else:
-            q, k, v = (x @ kernel + bias for kernel, bias in parts)
+            parts = [_DenseParams(hidden, cfg.hidden_size, cfg.initializer_range, name=n)()
+                     for n in ("query", "key", "value")]
+            if cfg.fuse_qkv:
+                kernel = jnp.concatenate([k for k, _ in parts], axis=1)
+                bias = jnp.concatenate([b for _, b in parts])
+                q, k, v = jnp.split(x @ kernel + bias, 3, axis=-1)
+            else:
+                q, k, v = (x @ kernel + bias for kernel, bias in parts)
         # The 1/sqrt(head_dim) scale goes on q (L x d per head) rather than on the scores
         # (L x L): the same product, half the fixed-point truncations under MPC at L = 128.
         # A model folded for MPC (``models.fold``) has it in the query weights already.

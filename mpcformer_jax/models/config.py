@@ -48,6 +48,13 @@ class BertConfig:
       gram_variance: exact LayerNorms read their token variances off one Gram product
         (``bert.GramLayerNorm``: the same function; L x L values reshared under MPC instead
         of L x H). Set by ``private.model.prepare``, never for training.
+      beaver_cache_weights: mark the weight matrices for SPU's Beaver cache (SEMI2K): a
+        node opens each weight's mask once in its life and replays it in every later
+        query, instead of once per query. Compilation only; set by ``prepare``.
+      stored_qkv: the fused Q, K, V kernel and bias are stored as one parameter (``qkv``,
+        made by ``prepare`` in plaintext) instead of concatenated in the forward: a weight
+        that stays in a node's memory (what the Beaver cache keys on), not a fresh buffer
+        per query. The same function.
       public_table_source, public_table_sha256: set when the word-embedding table is the
         public checkpoint's, unchanged (frozen through fine-tuning and distillation): the
         checkpoint to take it from and the table's hash. A private-inference client then
@@ -81,6 +88,8 @@ class BertConfig:
     folded: bool = False
     block_diagonal_heads: bool = False
     gram_variance: bool = False
+    beaver_cache_weights: bool = False
+    stored_qkv: bool = False
     num_labels: int = 2
     is_roberta: bool = False
     label_names: tuple[str, ...] = ()

@@ -89,7 +89,8 @@ def prepare_batch(config, tokenizer, batch, max_length: int | None):
 
 def run(model, batch, protocol: str | None = None, *, config=None, max_length: int | None = None,
         backend: str = "threads", attribution: str = "segments", compare: bool = True,
-        timeout_s: float | None = None, table: np.ndarray | None = None) -> PrivateResult:
+        timeout_s: float | None = None, table: np.ndarray | None = None,
+        warm_queries: int = 0, lowering: dict[str, bool] | None = None) -> PrivateResult:
     """Runs one private forward pass and reports its cost.
 
     Args:
@@ -109,6 +110,9 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
       table: for a model whose word-embedding table is public, the client's copy of it
         (hash-checked against the config); default: loaded from the checkpoint the config
         names. Ignored for a model with a private table (the client one-hot encodes).
+      warm_queries: (threads backend) queries run first on the same runtimes, unprofiled:
+        the report is a later query's, as a long-lived node runs it.
+      lowering: overrides the protocol's lowering (``private.model.LOWERING``).
 
     Returns:
       A PrivateResult. The plaintext comparison runs the prepared model on the same client
@@ -121,7 +125,7 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
     cluster = resolve_cluster(protocol, config)
     model_config, params, tokenizer = load_model(model)
     # The owner's plaintext step: fold, and drop a public word table from what is shared.
-    model_config, params = prepare(model_config, params, cluster.protocol)
+    model_config, params = prepare(model_config, params, cluster.protocol, lowering)
     ids, mask = prepare_batch(model_config, tokenizer, batch, max_length)
     # The client's: public-table rows (hash-checked table) or one-hot rows.
     client_input, mask_f = encode_client_inputs(model_config, ids, mask,
@@ -138,7 +142,7 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
         from mpcformer_jax.private.simulate import run_threads
 
         logits, report = run_threads(compiled, cluster.runtime_config(), cluster.world_size,
-                                     owner, client, timeout)
+                                     owner, client, timeout, warm_queries)
     elif backend == "processes":
         logits, report = _run_service(model, cluster, ids.shape, [client_input, mask_f],
                                       timeout, attribution, table)

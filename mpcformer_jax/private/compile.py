@@ -44,7 +44,8 @@ from mpcformer_jax.private.program import INPUT_NAMES, OUTPUT_NAME, CompiledForw
 
 _FREE = {"add", "sub", "neg", "reshape", "broadcast_in_dim", "transpose", "squeeze",
          "expand_dims", "slice", "concatenate", "copy", "copy_p", "stop_gradient",
-         "reduce_sum", "iota", "pad", "rev", "select_n_public", "convert_element_type"}
+         "reduce_sum", "iota", "pad", "rev", "select_n_public", "convert_element_type",
+         "make_cached_var"}  # the Beaver-cache mark (model.with_cached_weights): no cost
 _APPROX_FILE = Path(approx.__file__).resolve()
 _ACT_NAMES = {f.__name__ for f in approx.GELU_APPROX.values()}
 _ACT_NAMES |= {"quad_folded"}

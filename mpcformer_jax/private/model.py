@@ -31,10 +31,15 @@ from mpcformer_jax.private.compile import compile_cached
 #   dot_general as one matmul per head, each with its own messages and truncation; one
 #   matmul has them once, but opens (Beaver) or shares the 12x larger block operand;
 # * gram_variance: exact LayerNorm's token variances off the diagonal of one Gram product
-#   instead of B L H elementwise squares.
+#   instead of B L H elementwise squares;
+# * beaver_cache_weights (SEMI2K only: the one protocol here with Beaver triples): the
+#   weights' opened masks are kept by each node and replayed (with_cached_weights); implies
+#   stored_qkv. Measured per protocol: block-diagonal products and the Gram variance cost
+#   fewer rounds on SEMI2K too (per-head products send fewer bytes there but pay 44 rounds
+#   a BERT-base layer, a loss past ~31 ms one way at 100 Mbit/s), so those stay on.
 LOWERING: dict[str, dict[str, bool]] = {
     "ABY3": {"block_diagonal_heads": True, "gram_variance": True},
-    "SEMI2K": {"block_diagonal_heads": True, "gram_variance": True},
+    "SEMI2K": {"block_diagonal_heads": True, "gram_variance": True, "beaver_cache_weights": True},
     "CHEETAH": {"block_diagonal_heads": True, "gram_variance": True},
 }
 
@@ -64,6 +69,8 @@ def prepare(config: BertConfig, params, protocol: str = "ABY3",
     config, params = fold(config, params)  # a no-op on a folded model
     if not already_prepared or lowering:
         config = prepared_config(config, protocol, lowering)
+    if config.stored_qkv and not _has_stored_qkv(params):
+        params = store_fused_qkv(params)
     if config.public_table_source and "word_embeddings" in params["bert"]["embeddings"]:
         params = without_word_table(params)
     return config, params
@@ -73,7 +80,28 @@ def prepared_config(config: BertConfig, protocol: str = "ABY3",
                     lowering: dict[str, bool] | None = None) -> BertConfig:
     """The config ``prepare`` returns, from the config alone (no weights needed): what the
     public card carries, so a client compiles the program the nodes run."""
-    return config.replace(folded=True, **{**lowering_for(protocol), **(lowering or {})})
+    config = config.replace(folded=True, **{**lowering_for(protocol), **(lowering or {})})
+    return config.replace(stored_qkv=config.stored_qkv or config.beaver_cache_weights)
+
+
+def _has_stored_qkv(params) -> bool:
+    layers = params["bert"]["encoder"]["layer"]
+    return all("qkv" in layer["attention"]["self"] for layer in layers.values())
+
+
+def store_fused_qkv(params) -> dict:
+    """Every layer's query, key and value Dense layers as one ``qkv`` parameter (kernels and
+    biases concatenated in that order, as the forward fuses them), so the fused kernel is a
+    weight a node holds, not a buffer made per query (``stored_qkv``)."""
+    layers = {}
+    for name, layer in params["bert"]["encoder"]["layer"].items():
+        self_att = dict(layer["attention"]["self"])
+        parts = [self_att.pop(n) for n in ("query", "key", "value")]
+        self_att["qkv"] = {"kernel": np.concatenate([np.asarray(p["kernel"]) for p in parts], 1),
+                           "bias": np.concatenate([np.asarray(p["bias"]) for p in parts])}
+        layers[name] = {**layer, "attention": {**layer["attention"], "self": self_att}}
+    bert = {**params["bert"], "encoder": {**params["bert"]["encoder"], "layer": layers}}
+    return {**params, "bert": bert}
 
 
 def prepared_param_shapes(config: BertConfig) -> dict:
@@ -226,5 +254,33 @@ def compile_for(config: BertConfig, params, batch_size: int, length: int, copts,
     client_input = jax.ShapeDtypeStruct((batch_size, length, client_input_width(config)),
                                         np.float32)
     mask = jax.ShapeDtypeStruct((batch_size, length), np.float32)
-    return compile_cached(config, make_private_forward(config), params, (client_input, mask),
-                          copts, attribution)
+    fn = make_private_forward(config)
+    if config.beaver_cache_weights:
+        fn = with_cached_weights(fn)
+    return compile_cached(config, fn, params, (client_input, mask), copts, attribution)
+
+
+def with_cached_weights(private_forward):
+    """``private_forward`` with every weight matrix (``kernel``, ``embedding``) marked for
+    SPU's Beaver cache (``spu.experimental.make_cached_var``).
+
+    Under SEMI2K a product of secrets opens both operands' masked values; for a weight that
+    is W - B, the same every time the weight is used. With the mark a node keeps that opened
+    value (and replays B's seed to the dealer) for as long as it holds the weight: the first
+    query pays each weight's opening, later ones only the activations'. Under ABY3 and
+    CHEETAH the mark is a no-op (no Beaver triples). Safe in a node because its weights stay
+    set for its whole life (one model per node, ``roles.node``): SPU 0.9.5 keys the cache by
+    buffer address, so a freed and reused buffer would read a stale entry. Only for SPU: a
+    plain ``jax.jit`` cannot run the mark's custom call.
+    """
+    import jax
+    from spu.experimental import make_cached_var
+
+    def cached(params, *inputs):
+        marked = jax.tree_util.tree_map_with_path(
+            lambda path, w: make_cached_var(w)
+            if jax.tree_util.keystr(path).endswith(("['kernel']", "['embedding']")) else w,
+            params)
+        return private_forward(marked, *inputs)
+
+    return cached

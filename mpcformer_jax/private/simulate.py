@@ -27,7 +27,8 @@ _LOG_LOCK = threading.Lock()  # SPU's logger is process-wide: one profiled run a
 
 def run_threads(compiled: CompiledForward, rt_config: libspu.RuntimeConfig, world_size: int,
                 owner_arrays: dict[str, np.ndarray], client_arrays: dict[str, np.ndarray],
-                timeout_s: float = 600.0) -> tuple[np.ndarray, CostReport]:
+                timeout_s: float = 600.0, warm_queries: int = 0
+                ) -> tuple[np.ndarray, CostReport]:
     """Runs a compiled forward with all parties as threads of this process.
 
     Args:
@@ -37,6 +38,9 @@ def run_threads(compiled: CompiledForward, rt_config: libspu.RuntimeConfig, worl
       owner_arrays: the weights, by SPU variable name (``compiled.param_names``).
       client_arrays: the one-hot tokens and mask, by name (``compiled.input_names``).
       timeout_s: bound on every wait (a recv that waits longer fails the run).
+      warm_queries: queries each party runs first, unprofiled, on the same runtime: the
+        report is then a later query's, as a long-lived node runs it (with SEMI2K's Beaver
+        cache, ``beaver_cache_weights``, only the first query opens the weights' masks).
 
     Returns:
       ``(logits, report)``; the logits are reconstructed from the parties' output shares.
@@ -66,23 +70,34 @@ def run_threads(compiled: CompiledForward, rt_config: libspu.RuntimeConfig, worl
             rt = spu.Runtime(libspu.link.create_mem(desc, rank), cfg)
             for name, shares in {**owner, **client}.items():
                 rt.set_var(name, shares[rank])
+            for _ in range(warm_queries):
+                run_segments(rt, compiled, executables, barrier)
+            profiled.wait()  # every party done warming up: the profile starts here
             run_segments(rt, compiled, executables, barrier)
             outputs[rank] = rt.get_var(compiled.output_name)
         except BaseException as err:  # surfaced below; the barrier frees the other parties
             errors.append(err)
             barrier.abort()
+            profiled.abort()
 
     with _LOG_LOCK, tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "spu.log"
-        setup_spu_log(log)
-        start = time.perf_counter()
+        setup_spu_log(Path(tmp) / "warm.log" if warm_queries else log)
+        started = [0.0]
+
+        def profile_from_here() -> None:  # run by one party once all are warm
+            if warm_queries:
+                setup_spu_log(log)
+            started[0] = time.perf_counter()
+
+        profiled = threading.Barrier(world_size, timeout=timeout_s, action=profile_from_here)
         threads = [threading.Thread(target=party, args=(r,), daemon=True)
                    for r in range(world_size)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout_s)
-        report.wall_s = time.perf_counter() - start
+        report.wall_s = time.perf_counter() - started[0]
         setup_spu_log(Path(tmp) / "closed.log")  # flushes and closes the profile log
         text = log.read_text() if log.exists() else ""
     real_errors = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
