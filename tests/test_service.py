@@ -585,6 +585,7 @@ def test_semi2k_service_opens_the_weights_once_and_answers_every_query(tiny_stud
     equals plaintext, and sends fewer bytes than the first."""
     data = load_config("semi2k_2pc").to_dict()
     data["service"] = {"max_queue": 4, "share_wait_s": 5}
+    caches_before = set(Path.cwd().glob("BeaverCache.*"))
     svc = Service(load_config(data), tiny_student, tmp_path / "state", "1x8,4x8")
     try:
         svc.start()
@@ -601,3 +602,5 @@ def test_semi2k_service_opens_the_weights_once_and_answers_every_query(tiny_stud
         svc.stop()
     linear = [r.cost.groups["linear"].bytes for r in (first, again, once_more)]
     assert linear[1] == linear[2] < 0.8 * linear[0]
+    # The nodes kept their Beaver cache (opened masks, on disk) in their private folders.
+    assert set(Path.cwd().glob("BeaverCache.*")) == caches_before

@@ -652,8 +652,13 @@ def node_main(cluster: ClusterConfig, rank: int, ident: Identity,
     TLS tunnels, to measure what the tunnels cost.
     """
     own = workdir is None
-    path = Path(tempfile.mkdtemp(prefix="spu_") if own else workdir)
+    path = Path(tempfile.mkdtemp(prefix="spu_") if own else workdir).resolve()
     os.chmod(path, 0o700)
+    # SPU writes what it keeps on disk into the working directory (SEMI2K's Beaver cache:
+    # a leveldb folder of the weights' opened masks, model.with_cached_weights), and removes
+    # it only in destructors that a forced exit skips: keep it in this private folder, which
+    # goes with the node. Every path the node needs is resolved by now.
+    os.chdir(path)
     setup_spu_log(path / "idle.log")
     node = Node(cluster, rank, ident, path, plain_link)
 
