@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--full-depth", action="store_true", help="also run all layers for real")
     p.add_argument("--runtime", default="{}", help="JSON RuntimeConfig overrides, all variants")
     p.add_argument("--compiler", default="{}", help="JSON CompilerOptions overrides")
+    p.add_argument("--lowering", default="{}",
+                   help="JSON overrides of the protocol's lowering (private.model.LOWERING), "
+                        'e.g. \'{"block_diagonal_heads": false}\'')
     p.add_argument("--out", default="results", help="results folder")
     p.add_argument("--tag", default="benchmark", help="output file stem")
     p.add_argument("--force", action="store_true", help="rerun records already stored")
@@ -50,7 +53,7 @@ def main(argv=None) -> list[dict]:
         args.protocols, args.shapes = ["ABY3"], ["tiny-16"]
     # Everything but the approximation, shape and depth that a run is measured under.
     opts = {"runtime": json.loads(args.runtime), "compiler": json.loads(args.compiler),
-            "public_table": args.public_table}
+            "public_table": args.public_table, "lowering": json.loads(args.lowering)}
     out = Path(args.out)
     store = report.Store(out / f"{args.tag}_raw.json")
     try:

@@ -249,7 +249,9 @@ def run_model(model_dir: str, label: str, template: str, links: list[Link],
 def summarize(cells: list[dict], parties_of) -> list[dict]:
     """Per model, bucket and link: the median measured latency beside the estimate."""
     rows = []
-    base = {(c["model"], b): statistics.median(q["latency_s"] for q in qs if not q["warmup"])
+    # The base is per protocol too: one output file may hold a model under several protocols.
+    base = {(c["model"], c["protocol"], b):
+            statistics.median(q["latency_s"] for q in qs if not q["warmup"])
             for c in cells if c["link"] == "none" for b, qs in c["buckets"].items()}
     for c in cells:
         link = Link(c["link"], c["delay_ms"], c["rate_mbit"])
@@ -261,11 +263,16 @@ def summarize(cells: list[dict], parties_of) -> list[dict]:
                    "measured_s": round(measured, 3),
                    "run_s": round(statistics.median(q["run_s"] for q in timed), 3),
                    "rounds": timed[0]["rounds"], "bytes": timed[0]["bytes"],
+                   # CHEETAH's counted rounds vary between identical queries (its OT
+                   # buffers refill now and then): the range says so beside the figure.
+                   "rounds_range": [min(q["rounds"] for q in timed),
+                                    max(q["rounds"] for q in timed)],
                    "max_logit_gap": round(max(q["max_logit_gap"] for q in qs), 5),
                    "calibration": c["calibration"]}
-            if (c["model"], b) in base and c["link"] != "none":  # none is the base itself
-                est = estimate(base[(c["model"], b)], link, parties_of(c["protocol"]),
-                               timed[0]["bytes"], timed[0]["rounds"], timed[0]["client_bytes"])
+            if (c["model"], c["protocol"], b) in base and c["link"] != "none":  # none: the base
+                est = estimate(base[(c["model"], c["protocol"], b)], link,
+                               parties_of(c["protocol"]), timed[0]["bytes"], timed[0]["rounds"],
+                               timed[0]["client_bytes"])
                 row["estimate"] = est
                 row["ratio"] = round(measured / est["total_s"], 3)
                 row["rounds_share"] = round(est["rounds_s"] / measured, 3)
@@ -273,14 +280,15 @@ def summarize(cells: list[dict], parties_of) -> list[dict]:
     return rows
 
 
-def to_markdown(rows: list[dict], command: str) -> str:
+def to_markdown(rows: list[dict], commands: list[str]) -> str:
     lines = ["# Served latency on an emulated network", "",
-             f"Command: `{command}`", "",
+             "Commands (each cell is resumable: rerun a command to measure what is missing):",
+             "", *[f"- `{c}`" for c in commands], "",
              "Measured: end-to-end latency of one query (median of the timed repeats), "
              "every role on its own host. Estimate: bench/network.py's model with the "
              "same run's bytes and rounds, over the `none` link's measured latency.", "",
              "| model | protocol | bucket | link | measured | estimate | measured / estimate "
-             "| rounds | rounds x delay share | RTT measured | rate measured |",
+             "| rounds (range) | rounds x delay share | RTT measured | rate measured |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cal = r["calibration"][0]
@@ -288,45 +296,55 @@ def to_markdown(rows: list[dict], command: str) -> str:
         lines.append(
             f"| {r['model']} | {r['protocol']} | {r['bucket']} | {r['link']} | "
             f"{r['measured_s']:.2f} s | {'-' if est is None else f'{est:.2f} s'} | "
-            f"{r.get('ratio', '-')} | {r['rounds']} | {r.get('rounds_share', '-')} | "
+            f"{r.get('ratio', '-')} | {rounds_cell(r)} | {r.get('rounds_share', '-')} | "
             f"{cal['rtt_ms_median']:.2f} ms | "
             f"{cal.get('rate_mbit', '-')} Mbit/s |")
     speed = speedups(rows)
     if speed:
         lines += ["", "Speedup over exact on the same link and bucket, measured (and the "
-                  "estimate's):", "", "| model | bucket | link | measured speedup | "
-                  "estimated speedup |", "|---|---|---|---:|---:|"]
-        lines += [f"| {m} | {b} | {link} | {ms:.2f}x | "
+                  "estimate's):", "", "| model | protocol | bucket | link | measured speedup | "
+                  "estimated speedup |", "|---|---|---|---|---:|---:|"]
+        lines += [f"| {m} | {proto} | {b} | {link} | {ms:.2f}x | "
                   f"{'-' if es is None else f'{es:.2f}x'} |"
-                  for (m, b, link), (ms, es) in speed.items()]
+                  for (m, proto, b, link), (ms, es) in speed.items()]
     cross = crossover_ms(rows)
     if cross:
         lines += ["", "Crossover (the one-way delay past which rounds x delay exceeds the rest "
                   "of the no-delay latency): " + ", ".join(
-                      f"{m} {b} {d:.2f} ms" for (m, b), d in sorted(cross.items()))]
+                      f"{m} {proto} {b} {d:.2f} ms"
+                      for (m, proto, b), d in sorted(cross.items()))]
     return "\n".join(lines) + "\n"
 
 
-def speedups(rows: list[dict]) -> dict[tuple[str, str, str], tuple[float, float | None]]:
-    """Per (model, bucket, link) of a family with an exact member ("bert-base exact" for
+def rounds_cell(row: dict) -> str:
+    """The first timed query's rounds (the estimate's), with the range when queries differ."""
+    lo, hi = row.get("rounds_range", [row["rounds"]] * 2)
+    return str(row["rounds"]) if lo == hi else f"{row['rounds']} ({lo}-{hi})"
+
+
+def speedups(rows: list[dict]) -> dict[tuple[str, str, str, str], tuple[float, float | None]]:
+    """Per (model, protocol, bucket, link) of a family with an exact member ("bert-base exact" for
     "bert-base quad+2quad"): exact's latency / this model's, measured and estimated."""
-    exact = {(r["model"].rsplit(" ", 1)[0], r["bucket"], r["link"]): r for r in rows
-             if r["model"].endswith(" exact")}
+    exact = {(r["model"].rsplit(" ", 1)[0], r["protocol"], r["bucket"], r["link"]): r
+             for r in rows if r["model"].endswith(" exact")}
     out = {}
     for r in rows:
-        ref = exact.get((r["model"].rsplit(" ", 1)[0], r["bucket"], r["link"]))
+        ref = exact.get((r["model"].rsplit(" ", 1)[0], r["protocol"], r["bucket"], r["link"]))
         if ref is None or ref is r:
             continue
         est = (ref["estimate"]["total_s"] / r["estimate"]["total_s"]
                if "estimate" in r and "estimate" in ref else None)
-        out[(r["model"], r["bucket"], r["link"])] = (ref["measured_s"] / r["measured_s"], est)
+        out[(r["model"], r["protocol"], r["bucket"], r["link"])] = (
+            ref["measured_s"] / r["measured_s"], est)
     return out
 
 
-def crossover_ms(rows: list[dict]) -> dict[tuple[str, str], float]:
-    """Per model and bucket: the one-way delay at which rounds x delay equals the rest of the
-    latency on the link with no delay (compute, coordination): past it rounds dominate."""
-    return {(r["model"], r["bucket"]): round(r["measured_s"] / r["rounds"] * 1000, 3)
+def crossover_ms(rows: list[dict]) -> dict[tuple[str, str, str], float]:
+    """Per model, protocol and bucket: the one-way delay at which rounds x delay equals the
+    rest of the latency on the link with no delay (compute, coordination): past it rounds
+    dominate."""
+    return {(r["model"], r["protocol"], r["bucket"]):
+            round(r["measured_s"] / r["rounds"] * 1000, 3)
             for r in rows if r["link"] == "none" and r["rounds"]}
 
 
@@ -341,14 +359,13 @@ def plot(rows: list[dict], path: str) -> None:
     cross = crossover_ms(rows)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     shaped = [r for r in rows if r["link"] != "none"]
-    for key in sorted({(r["model"], r["bucket"], r["rate_mbit"] or 0) for r in shaped}):
-        mine = sorted((r for r in shaped
-                       if (r["model"], r["bucket"], r["rate_mbit"] or 0) == key),
-                      key=lambda r: r["delay_ms"])
+    series = lambda r: (r["model"], r["protocol"], r["bucket"], r["rate_mbit"] or 0)  # noqa: E731
+    for key in sorted({series(r) for r in shaped}):
+        mine = sorted((r for r in shaped if series(r) == key), key=lambda r: r["delay_ms"])
         xs = [r["delay_ms"] for r in mine]
-        label = f"{key[0]} {key[1]} {key[2]:g} Mbit/s"
-        if key[:2] in cross:
-            label += f" (crossover {cross[key[:2]]:.1f} ms)"
+        label = f"{key[0]} {key[1]} {key[2]} {key[3]:g} Mbit/s"
+        if key[:3] in cross:
+            label += f" (crossover {cross[key[:3]]:.1f} ms)"
         line, = ax.plot(xs, [r["measured_s"] for r in mine], "o-", label=label)
         est = [(r["delay_ms"], r["estimate"]["total_s"]) for r in mine if "estimate" in r]
         if est:
@@ -430,8 +447,11 @@ def main(argv=None) -> int:
     have = {key(c) for c in done}
     buckets = args.buckets.split(",")
 
+    command = "python -m experiments.emulated " + " ".join(argv or sys.argv[1:])
+
     def save(cell: dict) -> None:
         cell["protocol_config"] = args.config
+        cell["command"] = command
         done.append(cell)
         with partial.open("a") as f:
             f.write(json.dumps(cell) + "\n")
@@ -449,12 +469,12 @@ def main(argv=None) -> int:
 
     parties = {c["protocol"]: load_config(c["protocol_config"]).world_size for c in done}
     rows = summarize(done, lambda proto: parties[proto])
-    command = "python -m experiments.emulated " + " ".join(argv or sys.argv[1:])
-    Path(f"{args.out}.json").write_text(json.dumps({"command": command, "rows": rows},
+    commands = list(dict.fromkeys(c.get("command", command) for c in done))
+    Path(f"{args.out}.json").write_text(json.dumps({"commands": commands, "rows": rows},
                                                    indent=2))
-    Path(f"{args.out}.md").write_text(to_markdown(rows, command))
+    Path(f"{args.out}.md").write_text(to_markdown(rows, commands))
     plot(rows, f"{args.out}.png")
-    print(to_markdown(rows, command))
+    print(to_markdown(rows, commands))
     return 0
 
 

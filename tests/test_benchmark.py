@@ -109,6 +109,16 @@ def test_store_rows_and_writers(tmp_path):
             store.add(_record(a, n, per_layer=per_layer, shape=shape.name))
     store.add(_record(FLOOR, 2, per_layer=2.0, shape=shape.name))  # replaces, not duplicates
     assert len(report.Store(tmp_path / "raw.json").records) == 6
+    # A run under another lowering is another record, found only under that lowering.
+    per_head = dataclasses.replace(_record(FLOOR, 2, per_layer=3.0, shape=shape.name),
+                                   lowering={"block_diagonal_heads": False})
+    store.add(per_head)
+    assert len(store.records) == 7
+    assert store.find(protocol="ABY3", shape=shape.name, approximation=FLOOR, layers=2,
+                      lowering={"block_diagonal_heads": False}) == per_head
+    assert store.find(protocol="ABY3", shape=shape.name, approximation=FLOOR,
+                      layers=2) != per_head
+    store.records.remove(per_head)
     recs = [report.full_depth(store, "ABY3", shape, a) for a in (EXACT, QUAD, FLOOR)]
     rows = report.build_rows(recs)
     q = rows[1]

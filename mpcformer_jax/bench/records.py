@@ -62,6 +62,7 @@ class Record:
     public_table: bool = False
     runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
     compiler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lowering: dict[str, bool] = dataclasses.field(default_factory=dict)  # over LOWERING's
     extrapolated_from: tuple[int, int] | None = None
     warm_queries: int = 0  # queries run first on the same runtimes (a long-lived node's)
 
@@ -74,7 +75,8 @@ class Record:
         """What identifies a run: a store keeps one record per key."""
         return (self.protocol, self.shape, self.approximation, self.layers, self.public_table,
                 json.dumps(self.runtime, sort_keys=True),
-                json.dumps(self.compiler, sort_keys=True))
+                json.dumps(self.compiler, sort_keys=True),
+                json.dumps(self.lowering, sort_keys=True))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -37,12 +37,13 @@ class Store:
 
     def find(self, *, protocol: str, shape: str, approximation: Approximation, layers: int,
              runtime: dict | None = None, compiler: dict | None = None,
-             public_table: bool = False) -> Record | None:
+             public_table: bool = False, lowering: dict | None = None) -> Record | None:
         """The latest record of that run, or None."""
         for r in reversed(self.records):
             if ((r.protocol, r.shape, r.approximation, r.layers, r.public_table)
                     == (protocol, shape, approximation, layers, public_table)
-                    and _same(r.runtime, runtime or {}) and _same(r.compiler, compiler or {})):
+                    and _same(r.runtime, runtime or {}) and _same(r.compiler, compiler or {})
+                    and _same(r.lowering, lowering or {})):
                 return r
         return None
 

@@ -14,6 +14,7 @@ make a client embed its tokens with a table other than the public one it names.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 import numpy as np
@@ -79,12 +80,25 @@ def load_checked_table(source: str, sha256: str) -> np.ndarray:
     Raises:
       ValueError: the table found has another hash.
     """
-    from mpcformer_jax.models.hf_io import load_pretrained
+    from mpcformer_jax.models import hf_io
 
-    _, params, _ = load_pretrained(source)
+    # Only the embedding table is read: the checkpoint's missing head ("initialised new
+    # ones; fine-tune before use") is no concern of a client's lookup, so that warning is
+    # not printed here.
+    quiet = _WithoutFreshHeadWarning()
+    hf_io.log.addFilter(quiet)
+    try:
+        _, params, _ = hf_io.load_pretrained(source)
+    finally:
+        hf_io.log.removeFilter(quiet)
     table = word_table(params)
     _check_sha256(source, sha256, table)
     return table
+
+
+class _WithoutFreshHeadWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialised new ones" not in record.getMessage()
 
 
 def check_public_table(config: BertConfig, table: np.ndarray) -> None:
