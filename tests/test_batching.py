@@ -217,6 +217,7 @@ def test_a_client_closed_while_sending_gets_a_retriable_error(batched):
     assert err.value.code == "CANCELLED"
 
 
+@pytest.mark.slow  # starts SPU node processes
 def test_a_client_gone_mid_query_does_not_disturb_its_batch(batched, tiny_student):
     """One client sends its shares to nodes 0 and 1 and dies before node 2's (the worst
     place to go); another cancels while queued. The rest of the batch is answered."""

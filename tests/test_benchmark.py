@@ -161,6 +161,7 @@ def test_unknown_variant_lists_valid():
         main(["--variants", "quad+bad", "--report-only"])
 
 
+@pytest.mark.slow  # compiles and runs two variants under SPU
 def test_small_run_two_variants(tmp_path):
     from experiments.benchmark import main
 

@@ -50,6 +50,7 @@ def test_round_trip_of_the_length_normalised_2quad(tmp_path):
                                   np.asarray(forward(again, params2, ids, mask)))
 
 
+@pytest.mark.slow  # real checkpoint through transformers
 def test_transformers_flax_class_loads_an_exported_model_to_the_same_logits(tmp_path):
     """An exported exact model is an ordinary HF checkpoint: transformers' own Flax class
     reads its safetensors (``from_pt``: PyTorch key names, no torch needed) and computes our
@@ -81,6 +82,7 @@ def test_transformers_flax_class_loads_an_exported_model_to_the_same_logits(tmp_
             assert np.abs(student - ours).max() > 1e-2  # ours ran quad and 2quad
 
 
+@pytest.mark.slow  # real checkpoint
 def test_round_trip_real_minilm_with_tokenizer(tmp_path):
     config, params, tokenizer = load_pretrained("minilm-l6", hidden_act="quad")
     save_pretrained(tmp_path / "m", config, params, tokenizer)

@@ -225,6 +225,7 @@ def test_results_print_a_score_for_regression(capsys):
     assert capsys.readouterr().out.startswith("pos\t0.881\ta\t(truncated)")
 
 
+@pytest.mark.slow  # four SEMI2K executions
 def test_semi2k_beaver_cache_opens_weights_once_per_runtime(tiny, batch):
     """A node's second query under SEMI2K opens only the activations' masks (the weights'
     are cached, model.with_cached_weights); the first pays them; answers equal plaintext.

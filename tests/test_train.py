@@ -115,6 +115,7 @@ def test_both_stages_end_to_end_and_the_loss_falls(tmp_path, synthetic_split):
                            jax.device_get(teacher.params))
 
 
+@pytest.mark.slow  # two training stages
 def test_fewer_student_layers_with_a_layer_map(tmp_path, synthetic_split):
     data = synthetic_split(64, 0), synthetic_split(32, 9)
     student = STUDENT.replace(num_hidden_layers=1)
@@ -137,6 +138,7 @@ def test_zero_epochs_skips_the_stage(tmp_path, synthetic_split):
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.slow  # two training runs
 def test_two_identical_runs_give_bit_identical_params(tmp_path, synthetic_split):
     """The same command on the same code gives the same numbers: dropout on, shuffled data,
     both KD objectives' machinery (the task loss here), a full epoch and its evaluation."""
