@@ -318,7 +318,8 @@ TWO_QUAD_C = 5.0  # MPCFormer's c, shared by every 2Quad normaliser
 
 
 def two_quad_len(scores: Array, mask: Array, c: float = TWO_QUAD_C, *,
-                 values: Array | None = None, key_weights: Array | None = None):
+                 values: Array | None = None, key_weights: Array | None = None,
+                 mix: float = 1.0):
     """2Quad normalised by the number of valid keys: (s + c)^2 / c^2 * mask / n, with
     n = sum(mask), the row's number of real tokens (this project, issue 19).
 
@@ -334,13 +335,32 @@ def two_quad_len(scores: Array, mask: Array, c: float = TWO_QUAD_C, *,
 
     ``values``: see ``_finish``; the key weights multiply the values (K x head_dim per
     head) and nothing is divided afterwards (reciprocal None).
+
+    ``mix`` < 1 is for training only (``BertConfig.softmax_mix``): each row is then
+    (1 - mix) times 2Quad's plus mix times this one, divided per row, so a student started
+    from a row-normalised network can be moved to unnormalised rows in steps (an affine
+    student has no LayerNorm to absorb a row's sum: switched at once, the rt student's
+    hidden states overflowed within two layers).
     """
+    if mix < 1.0:
+        return _two_quad_mixed(scores, mask, c, values, mix)
     if key_weights is None:
         key_weights = query_key_weights(mask.reshape(mask.shape[0], mask.shape[-1]), c)
     weights = jnp.square(scores + c)
     if values is None:
         return weights * key_weights[:, None, None, :].astype(weights.dtype)
     return weights, values * key_weights[:, :, None, None].astype(values.dtype), None
+
+
+def _two_quad_mixed(scores: Array, mask: Array, c: float, values: Array | None, mix: float):
+    """(1 - mix) 2Quad + mix 2quad_len, one division per row (``two_quad_len``'s ``mix``)."""
+    key_mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+    per_row = mix / (c * c * jnp.sum(key_mask, axis=-1, keepdims=True))  # (B, 1, 1, 1)
+    if values is None:
+        probs = two_quad(scores, mask)
+        return (1.0 - mix) * probs + jnp.square(scores + c) * key_mask * per_row
+    weights, masked_values, reciprocal = two_quad(scores, mask, c, values=values)
+    return weights, masked_values, (1.0 - mix) * reciprocal + per_row
 
 
 def query_key_weights(mask: Array, c: float = TWO_QUAD_C, folded: bool = False) -> Array:
@@ -465,16 +485,19 @@ PROGRESSIVE_FROM = {"2quad_len": "2quad", "2quad_newton": "2quad"}
 
 
 def progressive_starts(choice: Approximation) -> list[Approximation]:
-    """The students a progressive ``choice`` may start from, first choice first: the same
-    choice with exact LayerNorm, then with its normaliser's ``PROGRESSIVE_FROM`` as well.
-    Empty for a choice with nothing to replace progressively (exact LayerNorm and a
-    normaliser distilled from the teacher)."""
+    """The students a progressive ``choice`` may start from, first choice first: one step
+    away where it can be (its normaliser's ``PROGRESSIVE_FROM`` with the same norms, then
+    the same choice with exact LayerNorm), then both steps at once (``PROGRESSIVE_FROM``
+    with exact LayerNorm). Empty for a choice with nothing to replace progressively (exact
+    LayerNorm and a normaliser distilled from the teacher)."""
     starts = []
+    previous = PROGRESSIVE_FROM.get(choice.softmax)
+    if previous and choice.norm != "layernorm":
+        starts.append(dataclasses.replace(choice, softmax=previous))
     if choice.norm != "layernorm":
         starts.append(dataclasses.replace(choice, norm="layernorm"))
-    if choice.softmax in PROGRESSIVE_FROM:
-        starts.append(dataclasses.replace(choice, softmax=PROGRESSIVE_FROM[choice.softmax],
-                                          norm="layernorm"))
+    if previous:
+        starts.append(dataclasses.replace(choice, softmax=previous, norm="layernorm"))
     return starts
 
 

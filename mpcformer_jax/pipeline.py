@@ -27,7 +27,12 @@ from typing import Any
 
 import jax
 
-from mpcformer_jax.approx import EXACT, Approximation, progressive_starts
+from mpcformer_jax.approx import (
+    EXACT,
+    PER_QUERY_KEY_WEIGHTS,
+    Approximation,
+    progressive_starts,
+)
 from mpcformer_jax.data import batches, load_task, tokenize_split
 from mpcformer_jax.models import BertConfig, load_pretrained, resolve_checkpoint, save_pretrained
 from mpcformer_jax.models.calibrate import calibrate
@@ -118,14 +123,15 @@ def make_student(teacher_config: BertConfig, teacher_params, approximation: str 
     params = parallel.host_params(teacher_params)
     layers = params["bert"]["encoder"]["layer"]
     params["bert"]["encoder"]["layer"] = {str(i): layers[str(j)] for i, j in enumerate(layer_map)}
+    start = teacher_config.replace(num_hidden_layers=len(layer_map))
     if calibration_data is None:
         from mpcformer_jax.models.calibrate import needs_calibration
 
-        if needs_calibration(config):
+        if needs_calibration(config, start):
             raise ValueError(f"{config.approximation} is calibrated on the teacher: pass "
                              "calibration_data (training batches).")
         return config, params
-    return calibrate(config, params, calibration_data)
+    return calibrate(config, params, calibration_data, start=start)
 
 
 def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
@@ -201,6 +207,22 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         return run_stage(name, objective, stage_cfg, config, start_params, data["train"],
                          data["dev"], ckpt, ctx)
 
+    def annealed(name, objective, stage_cfg, config, start_params, ckpt, start_config):
+        # A normaliser that stops dividing rows by their sums, mixed in over phases
+        # (DistillConfig.anneal_phases); each phase resumes from its own checkpoints.
+        phases = cfg.anneal_phases
+        if phases < 2 or config.softmax_act not in PER_QUERY_KEY_WEIGHTS or \
+                start_config.softmax_act in PER_QUERY_KEY_WEIGHTS:
+            return stage(name, objective, stage_cfg, config, start_params, ckpt)
+        part = dataclasses.replace(stage_cfg, epochs=max(1, stage_cfg.epochs // phases),
+                                   learning_rate=cfg.anneal_learning_rate or
+                                   stage_cfg.learning_rate)
+        for k in range(1, phases):
+            start_params = stage(f"{name} mix {k}/{phases}", objective, part,
+                                 config.replace(softmax_mix=k / phases), start_params,
+                                 ckpt.with_name(f"{ckpt.name}_mix{k}of{phases}")).params
+        return stage(name, objective, part, config, start_params, ckpt)
+
     def export(path, config, model_params):
         # Every process holds the same params; one writer keeps the folder swap atomic.
         host = parallel.host_params(model_params)
@@ -259,20 +281,23 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
             # LayerNorms; the replaced sites are now fitted to that student's own LayerNorm
             # outputs (models.calibrate), a replaced normaliser takes over that student's
             # weights, and distillation goes on from there.
-            base_config, base_params = distilled[starts[0]]
+            start_config, base_params = distilled[starts[0]]
             student_config, student_params = calibrate(
-                base_config.with_approximation(approximation),
-                parallel.host_params(base_params), calibration_data)
+                start_config.with_approximation(approximation),
+                parallel.host_params(base_params), calibration_data, start=start_config)
         else:
+            start_config = teacher_config
             student_config, student_params = make_student(
                 teacher_config, teacher.params, choice, plan.layer_map, calibration_data)
         if progressive and cfg.norm_students_from == "student_stage2":
             s1 = None
+            s2 = annealed(f"{choice} stage2", prediction, cfg.stage2, student_config,
+                          student_params, ckpt / "stage2", start_config)
         else:
-            s1 = stage(f"{choice} stage1", layerwise, cfg.stage1, student_config,
-                       student_params, ckpt / "stage1")
-        s2 = stage(f"{choice} stage2", prediction, cfg.stage2, student_config,
-                   student_params if s1 is None else s1.params, ckpt / "stage2")
+            s1 = annealed(f"{choice} stage1", layerwise, cfg.stage1, student_config,
+                          student_params, ckpt / "stage1", start_config)
+            s2 = stage(f"{choice} stage2", prediction, cfg.stage2, student_config,
+                       s1.params, ckpt / "stage2")
         distilled[choice] = (student_config, s2.params)
         rows.append({"model": "student (KD)", "approximation": choice, "dev": s2.dev.get("main"),
                      "test": test_score(student_config, s2.params, f"{choice} student test")})

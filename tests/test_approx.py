@@ -1,5 +1,7 @@
 """Each approximation against its exact function over its stated range, and its formula."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +117,37 @@ def test_two_quad_len_formula_and_one_reciprocal_per_query():
     per_row = flat / flat.sum(-1, keepdims=True)
     np.testing.assert_allclose(approx.query_key_weights(flat, folded=True), per_row, rtol=1e-6)
     np.testing.assert_allclose(approx.query_key_weights(flat), per_row / 25.0, rtol=1e-6)
+
+
+def test_two_quad_len_mixed_with_two_quad_for_training_in_steps():
+    scores, mask = _scores_and_mask()
+    quad, length = approx.two_quad(scores, mask), approx.two_quad_len(scores, mask)
+    np.testing.assert_allclose(approx.two_quad_len(scores, mask, mix=0.0), quad, rtol=1e-5)
+    np.testing.assert_allclose(approx.two_quad_len(scores, mask, mix=0.25),
+                               0.75 * np.asarray(quad) + 0.25 * np.asarray(length),
+                               rtol=1e-5, atol=1e-7)
+    # The attention path (weights, masked values, per-row factor) gives the same context.
+    values = jax.random.normal(jax.random.PRNGKey(0),
+                               (scores.shape[0], scores.shape[-1], scores.shape[1], 3))
+    weights, masked, reciprocal = approx.two_quad_len(scores, mask, values=values, mix=0.25)
+    context = np.einsum("bhqk,bkhd->bhqd", weights, masked) * np.asarray(reciprocal)
+    probs = np.asarray(approx.two_quad_len(scores, mask, mix=0.25))
+    np.testing.assert_allclose(context, np.einsum("bhqk,bkhd->bhqd", probs, values),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_softmax_mix_is_for_length_normalisers_and_never_exported():
+    from mpcformer_jax.models import BertConfig
+
+    config = BertConfig.tiny().with_approximation("quad+2quad_len+affine")
+    mixed = config.replace(softmax_mix=0.5)
+    with pytest.raises(ValueError, match="training step"):
+        mixed.to_hf_config()
+    with pytest.raises(ValueError, match="softmax_act '2quad' is not one"):
+        config.with_approximation("quad+2quad").replace(softmax_mix=0.5)
+    with pytest.raises(ValueError, match=r"softmax_mix must be in \[0, 1\]"):
+        config.replace(softmax_mix=1.5)
+    assert "softmax_mix" not in json.dumps(config.to_hf_config())
 
 
 def test_two_quad_len_costs_no_reciprocal_per_layer():

@@ -212,16 +212,20 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
                                         "quad+2quad_len+affine"),
                         teacher=stage, stage1=stage, stage2=stage, baseline=stage,
                         public_word_embeddings=True, eval_batch_size=16,
-                        norm_students_from="student_stage2", out_dir=str(tmp_path / "run"))
+                        norm_students_from="student_stage2", anneal_phases=2,
+                        out_dir=str(tmp_path / "run"))
     results = run_pipeline(cfg)
     # The affine student started from the distilled quad+2quad student: no stage 1 of its own.
     ckpt = tmp_path / "run" / "ckpt"
     assert (ckpt / "quad+2quad" / "stage1").exists()
     assert not (ckpt / "quad+2quad+affine@1" / "stage1").exists()
     assert (ckpt / "quad+2quad+affine@1" / "stage2").exists()
-    # So did the length-normalised one (a new normaliser and affine norms at once).
+    # So did the length-normalised one (a new normaliser and affine norms at once), its
+    # normaliser mixed in over two phases: half 2Quad, then whole.
     assert not (ckpt / "quad+2quad_len+affine" / "stage1").exists()
+    assert (ckpt / "quad+2quad_len+affine" / "stage2_mix1of2").exists()
     assert (ckpt / "quad+2quad_len+affine" / "stage2").exists()
+    assert not (ckpt / "quad+2quad+affine@1" / "stage2_mix1of2").exists()
     assert [r["model"] for r in results["rows"]] == ["teacher"] + \
         ["student (KD)", "baseline (no KD)"] * 3
     assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
@@ -324,6 +328,7 @@ def _calibration_batches(config, n=3, seed=0):
     return out
 
 
+@pytest.mark.slow  # calibrates four students
 def test_calibrated_students_get_bounds_fits_and_finite_outputs():
     from mpcformer_jax.models.calibrate import MARGIN
 
@@ -370,6 +375,24 @@ def test_calibrated_students_get_bounds_fits_and_finite_outputs():
     for b in data:
         assert np.all(np.isfinite(np.asarray(forward(cfg, params, b["input_ids"],
                                                      b["attention_mask"]))))
+
+
+def test_calibration_fits_only_what_differs_from_the_start():
+    from mpcformer_jax.models.calibrate import calibrate
+
+    base = BertConfig.tiny(num_hidden_layers=2)
+    params = init_params(base, 0)
+    data = _calibration_batches(base)
+    student = base.with_approximation("quad+2quad_len+affine")
+    # From an exact-LayerNorm network every site is fitted.
+    _, fitted = calibrate(student, params, data, start=base.with_approximation("quad+2quad"))
+    assert not np.allclose(fitted["bert"]["embeddings"]["LayerNorm"]["scale"],
+                           params["bert"]["embeddings"]["LayerNorm"]["scale"])
+    # From a network whose norms are affine already (the quad+2quad+affine student), the
+    # norms keep their trained weights: nothing to calibrate.
+    same, same_params = calibrate(student, params, data,
+                                  start=base.with_approximation("quad+2quad+affine"))
+    assert same is student and same_params is params
 
 
 # ------------------------------------------------------------------ norm_sites
@@ -433,7 +456,8 @@ def test_norm_students_from_needs_the_exact_layernorm_student_listed_first():
                   norm_students_from="student")
     with pytest.raises(ValueError, match="list 'quad\\+2quad' before it"):
         DistillConfig(approximations=("quad+2quad_len",), norm_students_from="student")
-    with pytest.raises(ValueError, match="list 'quad\\+2quad_len' or 'quad\\+2quad' before"):
+    with pytest.raises(ValueError, match="list 'quad\\+2quad\\+affine' or 'quad\\+2quad_len' or "
+                       "'quad\\+2quad' before"):
         DistillConfig(approximations=("quad+2quad_len+affine",), norm_students_from="student")
 
 

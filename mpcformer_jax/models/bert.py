@@ -240,6 +240,8 @@ class BertSelfAttention(nn.Module):
         extra = {} if bound is None else {"bound": bound}
         if cfg.softmax_act in approx.PER_QUERY_KEY_WEIGHTS:
             extra["key_weights"] = key_weights  # computed once per query (BertLayerStack)
+            if cfg.softmax_mix < 1.0:  # training a student into it (approx.two_quad_len)
+                extra["mix"] = cfg.softmax_mix
         weights, values, reciprocal = approx.get_normaliser(cfg.softmax_act)(
             scores, key_mask, values=v, **extra)
         weights = nn.Dropout(cfg.attention_probs_dropout_prob)(weights,

@@ -36,14 +36,28 @@ from mpcformer_jax.models.config import BertConfig
 # distilled student's activations also move away from its teacher's. First tried at 1.5:
 # the first stage-1 step of a layernorm_newton student on rt was NaN.
 MARGIN = 3.0
-_TWO_QUAD_C = 5.0  # approx.two_quad_newton's c
 
 
-def needs_calibration(config: BertConfig) -> bool:
-    """Whether making this student reads training data: a calibrated bound
-    (``approx.CALIBRATED``) or an affine norm's least-squares start."""
-    return config.norm_replacement == "affine" or \
+def needs_calibration(config: BertConfig, start: BertConfig | None = None) -> bool:
+    """Whether making this student from weights trained as ``start`` reads training data: a
+    calibrated bound (``approx.CALIBRATED``) or an affine norm's least-squares start (see
+    ``calibrate`` for the default ``start``)."""
+    start = _default_start(config) if start is None else start
+    return _affine_sites(config, start).any() or \
         bool({config.norm_replacement, config.softmax_act} & approx.CALIBRATED)
+
+
+def _default_start(student: BertConfig) -> BertConfig:
+    # The student's own network with exact LayerNorms: how a student made from its teacher
+    # or from an exact-LayerNorm student was trained.
+    return student.replace(norm_act="layernorm")
+
+
+def _affine_sites(student: BertConfig, start: BertConfig) -> np.ndarray:
+    """Per LayerNorm site: affine in the student, exact LayerNorm where it was trained."""
+    n_sites = 1 + 2 * student.num_hidden_layers
+    return np.array([student.norm_at(i) == "affine" and start.norm_at(i) == "layernorm"
+                     for i in range(n_sites)])
 
 
 def _statistics(config: BertConfig, params, batches: list[dict]) -> dict[str, Any]:
@@ -83,7 +97,7 @@ def _statistics(config: BertConfig, params, batches: list[dict]) -> dict[str, An
             acc["xy"] += (x * y).sum(0)
         for layer, s in enumerate(scores):
             s = np.asarray(s, np.float64)
-            sums = (np.square(s + _TWO_QUAD_C) * mask[:, None, None, :]).sum(-1) / s.shape[-1]
+            sums = (np.square(s + approx.TWO_QUAD_C) * mask[:, None, None, :]).sum(-1) / s.shape[-1]
             real_rows = np.broadcast_to(mask[:, None, :], sums.shape)
             row_max[layer] = max(row_max[layer], float(sums[real_rows].max()))
     return {"sites": sites, "row_max": row_max}
@@ -150,9 +164,15 @@ def _fit_affine_in_order(probe: BertConfig, params, batches: list[dict], replace
     return {i: (slopes[i].copy(), intercepts[i].copy()) for i in fitted}
 
 
-def calibrate(student: BertConfig, params, batches: Iterable[dict]) -> tuple[BertConfig, Any]:
+def calibrate(student: BertConfig, params, batches: Iterable[dict],
+              start: BertConfig | None = None) -> tuple[BertConfig, Any]:
     """``(config, params)`` of a student, calibrated over ``batches``; a student that needs no
     calibration is returned unchanged.
+
+    ``start``: the network ``params`` were trained as (the teacher, or the distilled student
+    a progressive one starts from); by default the student itself with exact LayerNorms. Only
+    what differs from it is calibrated: an affine site that was a LayerNorm is fitted, one
+    already affine in ``start`` keeps its weights.
 
     The statistics are the student's own, not its teacher's: the same network with exact
     LayerNorms (and an exact reciprocal) in the replaced places, run on the student's
@@ -160,21 +180,22 @@ def calibrate(student: BertConfig, params, batches: Iterable[dict]) -> tuple[Ber
     variance entering layer 0's output LayerNorm reached 1,411 in a quad student against
     131 in its teacher, so bounds read on the teacher made Newton diverge.
     """
-    if not needs_calibration(student):
+    start = _default_start(student) if start is None else start
+    if not needs_calibration(student, start):
         return student, params
     batches = list(batches)
     if not batches:
         raise ValueError("calibration needs at least one batch of training data.")
+    params = jax.tree_util.tree_map(np.asarray, params)  # a new tree: leaves are replaced
     exact_reciprocal = "2quad" if student.softmax_act == "2quad_newton" else student.softmax_act
     probe = student.replace(norm_act="layernorm", softmax_act=exact_reciprocal, norm_bounds=(),
                             softmax_bounds=())
     stats = _statistics(probe, params, batches)
     sites = stats["sites"]
-    params = jax.tree_util.tree_map(np.asarray, params)
     if student.norm_replacement == "layernorm_newton":
         student = student.replace(norm_bounds=tuple(MARGIN * s["var"] for s in sites))
-    if student.norm_replacement == "affine":
-        replaced = np.array([student.norm_at(i) == "affine" for i in range(len(sites))])
+    replaced = _affine_sites(student, start)
+    if replaced.any():
         fits = _fit_affine_in_order(probe, params, batches, replaced)
         for site, (slope, intercept) in fits.items():
             _set_norm(params, site, slope, intercept)

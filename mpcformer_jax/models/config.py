@@ -37,6 +37,9 @@ class BertConfig:
         each layer); empty means the entry's default everywhere. Public, like the
         architecture: they are constants of the compiled program (``models.calibrate``).
       softmax_bounds: the same for a calibrated attention normaliser, one per layer.
+      softmax_mix: below 1, a length-normalised normaliser (``approx.PER_QUERY_KEY_WEIGHTS``)
+        is mixed with the row-normalised one it replaces, for training in steps
+        (``DistillConfig.anneal_phases``). Training only: never exported or compiled.
       fuse_qkv: compute Q, K and V as one matmul (the parameters stay three Dense layers);
         False only to check that fusing changes nothing.
       folded: public constants are folded into the weights (``models.fold``): the attention
@@ -82,6 +85,7 @@ class BertConfig:
     norm_act: str = "layernorm"
     norm_bounds: tuple[float, ...] = ()
     softmax_bounds: tuple[float, ...] = ()
+    softmax_mix: float = 1.0
     public_table_source: str = ""
     public_table_sha256: str = ""
     fuse_qkv: bool = True
@@ -112,6 +116,12 @@ class BertConfig:
             if bounds and (len(bounds) != n or not all(b > 0 for b in bounds)):
                 raise ValueError(f"{field} must hold {n} positive numbers (one per site) or "
                                  f"none, got {bounds}.")
+        if not 0.0 <= self.softmax_mix <= 1.0:
+            raise ValueError(f"softmax_mix must be in [0, 1], got {self.softmax_mix}.")
+        if self.softmax_mix < 1.0 and self.softmax_act not in approx.PER_QUERY_KEY_WEIGHTS:
+            raise ValueError(f"softmax_mix {self.softmax_mix} mixes a length-normalised "
+                             f"normaliser ({', '.join(sorted(approx.PER_QUERY_KEY_WEIGHTS))}) "
+                             f"with 2Quad; softmax_act {self.softmax_act!r} is not one.")
         if bool(self.public_table_source) != bool(self.public_table_sha256):
             raise ValueError("public_table_source and public_table_sha256 go together: set "
                              "both (a public word-embedding table) or neither.")
@@ -305,6 +315,9 @@ class BertConfig:
         }
 
     def _ours(self) -> dict[str, Any]:
+        if self.softmax_mix < 1.0:
+            raise ValueError(f"softmax_mix {self.softmax_mix} is a training step, not a model: "
+                             "export the student once its normaliser is whole (mix 1).")
         ours: dict[str, Any] = {"hidden_act": self.hidden_act, "softmax_act": self.softmax_act,
                                 "norm_act": self.norm_act}
         if self.norm_bounds:

@@ -102,6 +102,15 @@ class DistillConfig:
         softmax and exact LayerNorm (listed before it), calibrated from there, then both
         stages. "student_stage2": the same start, stage 2 only (its hidden states were
         already matched as that student).
+      anneal_phases: a student whose normaliser stops dividing each row by its sum
+        (2quad_len) after weights trained with row sums (the teacher, a 2quad student)
+        gets its first training stage in this many phases, the new normaliser mixed in at
+        1/n, 2/n, ... 1 (``BertConfig.softmax_mix``), each phase the stage's epochs / n
+        (at least one). 0 or 1: switched at once.
+      anneal_learning_rate: the peak learning rate of those phases (each warms up and
+        decays on its own), 0 for the stage's own. Measured on rt: at stage 1's 1e-3 the
+        loss turned NaN a few steps past the warm-up of the phase at mix 1/2 (8 phases)
+        or 3/4 (4 phases).
       public_word_embeddings: freeze the word-embedding table at the pretrained checkpoint's
         values through the teacher, both stages and the baseline; the exports then record
         the table's source and hash, and private inference looks tokens up on the client
@@ -130,6 +139,8 @@ class DistillConfig:
     baseline: StageConfig = StageConfig(epochs=8, learning_rate=5e-5)
     run_baseline: bool = True
     norm_students_from: str = "teacher"
+    anneal_phases: int = 0
+    anneal_learning_rate: float = 0.0
     public_word_embeddings: bool = False
     eval_batch_size: int = 64
     seed: int = 0
@@ -163,6 +174,11 @@ class DistillConfig:
                         f"norm_students_from={self.norm_students_from!r}: {a.name} starts from "
                         f"the {starts[0].name} student, so list {names} before it in "
                         "approximations.")
+        if self.anneal_phases < 0:
+            raise ValueError(f"anneal_phases must be >= 0 (0: no annealing), got "
+                             f"{self.anneal_phases}.")
+        _check_float("anneal_learning_rate", self.anneal_learning_rate,
+                     ">= 0 (0: the stage's own)", lambda v: v >= 0)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
         if self.buckets and (max(self.buckets) < self.max_length or min(self.buckets) < 2):
