@@ -211,7 +211,8 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         # A normaliser that stops dividing rows by their sums, mixed in over phases
         # (DistillConfig.anneal_phases); each phase resumes from its own checkpoints.
         phases = cfg.anneal_phases
-        if phases < 2 or config.softmax_act not in PER_QUERY_KEY_WEIGHTS or \
+        if phases < 2 or stage_cfg.epochs == 0 or \
+                config.softmax_act not in PER_QUERY_KEY_WEIGHTS or \
                 start_config.softmax_act in PER_QUERY_KEY_WEIGHTS:
             return stage(name, objective, stage_cfg, config, start_params, ckpt)
         part = dataclasses.replace(stage_cfg, epochs=max(1, stage_cfg.epochs // phases),
