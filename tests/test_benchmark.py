@@ -201,6 +201,7 @@ def test_mixed_norm_runs_deeper_fit_layers_and_extrapolates_exactly():
     assert r3.groups["layernorm"].messages > 0
 
 
+@pytest.mark.slow  # a profiled SPU run
 def test_compute_accounting_of_a_served_query(tiny_student, tmp_path, capsys):
     from experiments import compute_accounting as ca
     from mpcformer_jax.models import load_pretrained

@@ -94,7 +94,7 @@ def test_missing_config_lists_ready_ones():
 # ------------------------------------------------------------------ in-process runs
 
 
-@pytest.mark.parametrize("protocol", ["ABY3", "SEMI2K"])
+@pytest.mark.parametrize("protocol", ["ABY3", pytest.param("SEMI2K", marks=pytest.mark.slow)])
 def test_private_logits_match_plaintext(tiny, batch, protocol):
     result = run(tiny, batch, protocol=protocol)
     assert result.logits.shape == (2, tiny[0].num_labels)
@@ -123,6 +123,7 @@ def test_semi2k_local_truncation_is_a_named_config_with_fewer_rounds(tiny, batch
     assert fast.report.total.bytes < default.report.total.bytes
 
 
+@pytest.mark.slow  # compiles three shapes
 def test_compiles_once_per_shape(tiny, batch):
     run(tiny, batch, protocol="ABY3", compare=False)
     before = cache_size()

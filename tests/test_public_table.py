@@ -176,11 +176,11 @@ def test_card_carries_the_prepared_config(public_student, tmp_path):
 
 
 # quad+2quad_len+affine under ABY3: the per-protocol test below.
-_SLOW = pytest.mark.slow  # Newton iterations compile long under SPU
+_SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("approximation", [
-    "quad+2quad+affine", "quad+2quad+affine@0:2",
+    "quad+2quad+affine", pytest.param("quad+2quad+affine@0:2", marks=_SLOW),
     pytest.param("quad+2quad_newton+layernorm_newton", marks=_SLOW),
     pytest.param("quad+2quad_newton", marks=_SLOW)])
 def test_variant_private_matches_plaintext(approximation):

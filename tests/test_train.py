@@ -197,6 +197,7 @@ def test_interrupted_run_resumes_to_the_same_params(tmp_path, monkeypatch, synth
                            jax.device_get(again.params))
 
 
+@pytest.mark.slow  # a training stage
 def test_nan_loss_stops_with_stage_and_step(tmp_path, synthetic_split):
     stage = StageConfig(epochs=1, batch_size=16, learning_rate=1e30, warmup_ratio=0.0,
                         clip_norm=0.0)
