@@ -148,6 +148,10 @@ def test_softmax_mix_is_for_length_normalisers_and_never_exported():
     with pytest.raises(ValueError, match=r"softmax_mix must be in \[0, 1\]"):
         config.replace(softmax_mix=1.5)
     assert "softmax_mix" not in json.dumps(config.to_hf_config())
+    from mpcformer_jax.private.model import prepared_config
+
+    with pytest.raises(ValueError, match="training step"):
+        prepared_config(mixed)
 
 
 def test_two_quad_len_costs_no_reciprocal_per_layer():

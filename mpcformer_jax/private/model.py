@@ -80,6 +80,10 @@ def prepared_config(config: BertConfig, protocol: str = "ABY3",
                     lowering: dict[str, bool] | None = None) -> BertConfig:
     """The config ``prepare`` returns, from the config alone (no weights needed): what the
     public card carries, so a client compiles the program the nodes run."""
+    if config.softmax_mix < 1.0:
+        raise ValueError(f"softmax_mix {config.softmax_mix} is a training step of a student "
+                         "whose normaliser is being mixed in: private inference runs a "
+                         "finished student (mix 1).")
     config = config.replace(folded=True, **{**lowering_for(protocol), **(lowering or {})})
     return config.replace(stored_qkv=config.stored_qkv or config.beaver_cache_weights)
 
