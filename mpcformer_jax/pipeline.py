@@ -291,7 +291,6 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
             student_config, student_params = make_student(
                 teacher_config, teacher.params, choice, plan.layer_map, calibration_data)
         if progressive and cfg.norm_students_from == "student_stage2":
-            s1 = None
             s2 = annealed(f"{choice} stage2", prediction, cfg.stage2, student_config,
                           student_params, ckpt / "stage2", start_config)
         else:
