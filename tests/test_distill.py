@@ -451,6 +451,10 @@ def test_norm_students_from_needs_the_exact_layernorm_student_listed_first():
                       norm_students_from="student_stage2")
     with pytest.raises(ValueError, match="norm_students_from must be one of teacher, student"):
         DistillConfig(norm_students_from="baseline")
+    with pytest.raises(ValueError, match="anneal_phases must be >= 0"):
+        DistillConfig(anneal_phases=-1)
+    with pytest.raises(ValueError, match="anneal_learning_rate must be a finite number >= 0"):
+        DistillConfig(anneal_learning_rate=float("nan"))
     # A replaced normaliser starts from its exact-LayerNorm form or from 2quad's student.
     DistillConfig(approximations=("quad+2quad", "quad+2quad_len+affine"),
                   norm_students_from="student")
