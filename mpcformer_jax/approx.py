@@ -357,7 +357,7 @@ def _two_quad_mixed(scores: Array, mask: Array, c: float, values: Array | None, 
     key_mask = mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
     per_row = mix / (c * c * jnp.sum(key_mask, axis=-1, keepdims=True))  # (B, 1, 1, 1)
     if values is None:
-        probs = two_quad(scores, mask)
+        probs = two_quad(scores, mask, c)
         return (1.0 - mix) * probs + jnp.square(scores + c) * key_mask * per_row
     weights, masked_values, reciprocal = two_quad(scores, mask, c, values=values)
     return weights, masked_values, (1.0 - mix) * reciprocal + per_row
