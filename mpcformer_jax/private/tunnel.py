@@ -147,8 +147,14 @@ class Tunnels:
         await self._join(reader, writer, far_r, far_w, "out")
 
     async def _join(self, r1, w1, r2, w2, direction: str) -> None:
-        await asyncio.gather(self._pipe(r1, w2, direction), self._pipe(r2, w1, None),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(self._pipe(r1, w2, direction), self._pipe(r2, w1, None),
+                                 return_exceptions=True)
+        except asyncio.CancelledError:
+            # ``close`` cancels the open pipes. A connection handler that ends cancelled is
+            # logged as "Exception in callback ..." with a traceback by Python 3.11's
+            # asyncio streams (3.12 checks ``task.cancelled()`` first): end it normally.
+            pass
 
     async def _pipe(self, reader, writer, count: str | None) -> None:
         try:
