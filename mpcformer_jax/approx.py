@@ -1,11 +1,12 @@
-"""MPC-friendly replacements for BERT's three expensive nonlinearities, by name.
+"""MPC-friendly replacements for BERT's expensive nonlinearities, by name.
 
-Three registries, one per slot: ``GELU_APPROX`` (the FFN activation), ``SOFTMAX_APPROX`` (the
-attention normaliser) and ``NORM_APPROX`` (the residual-stream normalisation, LayerNorm).
-``Approximation`` names one choice for all three slots; it is the one vocabulary configs, the
-benchmark and the results tables use. Configs carry names, never callables, so a config stays
-hashable and can be a static argument of ``jax.jit`` and of SPU compilation. Adding an
-approximation is one function and one registry entry.
+Four registries, one per slot: ``GELU_APPROX`` (the FFN activation), ``SOFTMAX_APPROX`` (the
+attention normaliser), ``NORM_APPROX`` (the residual-stream normalisation, LayerNorm) and
+``POOLER_APPROX`` (the pooler's tanh). ``Approximation`` names one choice for all four slots;
+it is the one vocabulary configs, the benchmark and the results tables use. Configs carry
+names, never callables, so a config stays hashable and can be a static argument of
+``jax.jit`` and of SPU compilation. Adding an approximation is one function and one registry
+entry.
 
 Every normaliser takes the attention scores (already scaled by 1/sqrt(head_dim)) and a 0/1 key
 mask broadcastable to the scores, and applies the mask *multiplicatively*: under SPU's fixed
@@ -455,6 +456,18 @@ def identity_norm(x: Array, scale: Array, bias: Array, *, eps: float = 1e-12,
     return x
 
 
+def pooler_linear(x: Array) -> Array:
+    """No squashing after the pooler's dense layer, f(x) = x, in place of BERT's tanh.
+
+    Why: tanh is paid once per query, on the [CLS] vector only, but under ABY3 SPU computes
+    it as a clamp and a degree-17 Chebyshev recurrence: about 52 sequential rounds, as many
+    as a LayerNorm site. The classifier that follows is linear, so the head becomes one
+    affine map of [CLS], which prediction-layer distillation fits. Holds for |x| << 1
+    (tanh x = x - x^3/3 + ...); a distilled student needs its pooler trained with it.
+    """
+    return x
+
+
 ActivationFn = Callable[[Array], Array]
 # (scores, mask) -> probabilities; also (scores, mask, values=v) -> (weights, values, recip).
 NormaliserFn = Callable[..., Any]
@@ -479,6 +492,11 @@ SOFTMAX_APPROX: dict[str, NormaliserFn] = {
     "identity": mask_only,
 }
 
+POOLER_APPROX: dict[str, ActivationFn] = {
+    "tanh": jnp.tanh,
+    "linear": pooler_linear,
+}
+
 # A normaliser a progressive student may replace, by the one its start was distilled with
 # (``DistillConfig.norm_students_from``): 2quad_len and 2quad_newton start from a 2quad student.
 PROGRESSIVE_FROM = {"2quad_len": "2quad", "2quad_newton": "2quad"}
@@ -498,6 +516,11 @@ def progressive_starts(choice: Approximation) -> list[Approximation]:
         starts.append(dataclasses.replace(choice, norm="layernorm"))
     if previous:
         starts.append(dataclasses.replace(choice, softmax=previous, norm="layernorm"))
+    if choice.pooler != "tanh":
+        # A replaced pooler starts from the same student with tanh: nothing to calibrate
+        # (tanh x ~ x near 0), distillation fits the rest.
+        tanh = dataclasses.replace(choice, pooler="tanh")
+        starts += [tanh] + [dataclasses.replace(s, pooler="tanh") for s in starts]
     return starts
 
 
@@ -529,6 +552,11 @@ def _lookup(registry: dict, kind: str, name: str):
 def get_activation(name: str) -> ActivationFn:
     """Returns the GeLU replacement registered as ``name``; ValueError lists the valid names."""
     return _lookup(GELU_APPROX, "activation", name)
+
+
+def get_pooler(name: str) -> ActivationFn:
+    """Returns the pooler-tanh replacement registered as ``name``; ValueError lists the names."""
+    return _lookup(POOLER_APPROX, "pooler", name)
 
 
 def get_normaliser(name: str) -> NormaliserFn:
@@ -581,29 +609,37 @@ def join_norm(base: str, exact_sites: tuple[int, ...] = ()) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Approximation:
-    """One choice for each of the three slots, by registry name.
+    """One choice for each of the four slots, by registry name.
 
-    ``name`` is the choice's one spelling, ``<activation>+<softmax>[+<norm>]`` (the norm is
-    left out when it is exact LayerNorm, so MPCFormer's pairs keep their names: "quad+2quad").
-    ``parse`` reads that spelling back, plus two aliases: "exact" (BERT itself) and "floor"
-    (nothing in the activation's and the attention normaliser's places, LayerNorm kept: the
+    ``name`` is the choice's one spelling, ``<activation>+<softmax>[+<norm>[+<pooler>]]``:
+    the norm is left out when it is exact LayerNorm and the pooler is tanh, so MPCFormer's
+    pairs keep their names ("quad+2quad"); the pooler is left out when it is tanh
+    ("quad+2quad+layernorm+linear" spells a linear pooler with exact LayerNorm). ``parse``
+    reads that spelling back, plus two aliases: "exact" (BERT itself) and "floor" (nothing
+    in the activation's and the attention normaliser's places, LayerNorm and tanh kept: the
     cost floor of MPCFormer's two replacements).
     """
 
     activation: str = "gelu"
     softmax: str = "softmax"
     norm: str = "layernorm"
+    pooler: str = "tanh"
 
     def __post_init__(self):
         get_activation(self.activation)
         get_normaliser(self.softmax)
         get_norm(self.norm)
+        get_pooler(self.pooler)
         # One spelling per choice ("affine@5:2" is "affine@2:5"), so equal choices are equal.
         object.__setattr__(self, "norm", join_norm(*split_norm(self.norm)))
 
     @property
     def name(self) -> str:
-        parts = [self.activation, self.softmax] + ([self.norm] if self.norm != "layernorm" else [])
+        parts = [self.activation, self.softmax]
+        if self.pooler != "tanh":
+            parts += [self.norm, self.pooler]
+        elif self.norm != "layernorm":
+            parts.append(self.norm)
         return "+".join(parts)
 
     @property
@@ -616,21 +652,23 @@ class Approximation:
 
     @classmethod
     def parse(cls, text: str | Approximation) -> Approximation:
-        """"quad+2quad", "quad+2quad_newton+affine", "quad+2quad+affine@2", "exact" or
-        "floor" -> Approximation."""
+        """"quad+2quad", "quad+2quad_newton+affine", "quad+2quad+affine@2",
+        "quad+2quad_len+affine@2+linear", "exact" or "floor" -> Approximation."""
         if isinstance(text, Approximation):
             return text
         text = text.strip()
         if text in _ALIASES:
             return _ALIASES[text]
         parts = text.split("+")
-        if len(parts) not in (2, 3) or not all(parts):
+        if len(parts) not in (2, 3, 4) or not all(parts):
             raise ValueError(
-                f"Approximation {text!r} must read '<gelu>+<softmax>' or "
-                "'<gelu>+<softmax>+<norm>' (e.g. 'quad+2quad', 'quad+2quad+affine', "
-                "'quad+2quad+affine@2': affine but site 2 exact), or be "
+                f"Approximation {text!r} must read '<gelu>+<softmax>', "
+                "'<gelu>+<softmax>+<norm>' or '<gelu>+<softmax>+<norm>+<pooler>' (e.g. "
+                "'quad+2quad', 'quad+2quad+affine', 'quad+2quad+affine@2': affine but site 2 "
+                "exact, 'quad+2quad+layernorm+linear': no tanh after the pooler), or be "
                 f"'exact' or 'floor'. Activations: {', '.join(sorted(GELU_APPROX))}; softmax: "
-                f"{', '.join(sorted(SOFTMAX_APPROX))}; norms: {', '.join(sorted(NORM_APPROX))}.")
+                f"{', '.join(sorted(SOFTMAX_APPROX))}; norms: {', '.join(sorted(NORM_APPROX))}; "
+                f"poolers: {', '.join(sorted(POOLER_APPROX))}.")
         return cls(*parts)
 
 

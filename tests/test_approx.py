@@ -307,6 +307,31 @@ def test_approximation_vocabulary():
         approx.Approximation.parse("quad+2quad+batchnorm")
 
 
+def test_pooler_slot_formula_spelling_and_progressive_starts():
+    x = jnp.linspace(-3, 3, 13)
+    np.testing.assert_array_equal(approx.get_pooler("linear")(x), x)
+    np.testing.assert_allclose(approx.get_pooler("tanh")(x), np.tanh(np.asarray(x)), rtol=1e-6)
+    a = approx.Approximation.parse("quad+2quad_len+affine@2+linear")
+    assert (a.activation, a.softmax, a.norm, a.pooler) == ("quad", "2quad_len", "affine@2",
+                                                            "linear")
+    assert approx.Approximation.parse(a.name) == a and a.name == "quad+2quad_len+affine@2+linear"
+    # tanh is BERT's own: left out of the name, so every older name reads the same.
+    assert approx.Approximation.parse("quad+2quad+affine+tanh").name == "quad+2quad+affine"
+    plain = approx.Approximation.parse("quad+2quad+layernorm+linear")
+    assert plain.name == "quad+2quad+layernorm+linear" and plain.norm == "layernorm"
+    assert approx.EXACT.pooler == "tanh" and approx.FLOOR.pooler == "tanh"
+    # A replaced pooler may start from its tanh student, the nearest first.
+    starts = [s.name for s in approx.progressive_starts(a)]
+    assert starts.index("quad+2quad_len+affine@2") < starts.index("quad+2quad_len")
+    assert starts[:3] == ["quad+2quad+affine@2+linear", "quad+2quad_len+layernorm+linear",
+                          "quad+2quad+layernorm+linear"]
+    assert [s.name for s in approx.progressive_starts(plain)] == ["quad+2quad"]
+    with pytest.raises(ValueError, match="Available pooler approximations are: linear, tanh"):
+        approx.Approximation.parse("quad+2quad+affine+sigmoid")
+    with pytest.raises(ValueError, match="poolers: linear, tanh"):
+        approx.Approximation.parse("quad+2quad+affine+linear+x")
+
+
 def test_mixed_norm_names_one_spelling_and_clear_errors():
     a = approx.Approximation.parse("quad+2quad+affine@5:2:2")
     assert a.norm == "affine@2:5" and a.name == "quad+2quad+affine@2:5"

@@ -38,6 +38,26 @@ def test_round_trip_keeps_params_and_approximations(tmp_path):
     assert saved["hidden_act"] == "gelu" and saved["mpcformer"]["softmax_act"] == "2relu"
 
 
+def test_round_trip_of_a_linear_pooler(tmp_path):
+    config = BertConfig.tiny(num_labels=2).with_approximation("quad+2quad_len+affine@2+linear")
+    params = init_params(config, 5)
+    save_pretrained(tmp_path / "m", config, params)
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["mpcformer"]
+    assert saved["pooler_act"] == "linear"
+    again, params2, _ = load_pretrained(tmp_path / "m")
+    assert again == config and again.approximation.name == "quad+2quad_len+affine@2+linear"
+    ids = np.array([[3, 9, 11, 4, 0], [5, 6, 7, 8, 9]])
+    mask = np.array([[1, 1, 1, 1, 0], [1] * 5])
+    linear = np.asarray(forward(config, params, ids, mask))
+    np.testing.assert_array_equal(linear, np.asarray(forward(again, params2, ids, mask)))
+    # The same weights with tanh give other logits: the slot is applied, not only stored.
+    tanh = np.asarray(forward(config.replace(pooler_act="tanh"), params, ids, mask))
+    assert not np.allclose(linear, tanh)
+    # A tanh export writes no pooler_act: older files and newer ones read alike.
+    save_pretrained(tmp_path / "t", config.replace(pooler_act="tanh"), params)
+    assert "pooler_act" not in json.loads((tmp_path / "t" / "config.json").read_text())["mpcformer"]
+
+
 def test_round_trip_of_the_length_normalised_2quad(tmp_path):
     config = BertConfig.tiny(num_labels=2).with_approximation("quad+2quad_len+affine")
     params = init_params(config, 5)

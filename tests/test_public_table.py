@@ -203,6 +203,22 @@ def test_length_normalised_2quad_private_matches_plaintext_under_each_protocol(p
     assert result.max_abs_diff < TOL and result.label_agreement == 1.0
 
 
+@pytest.mark.parametrize("protocol", ["ABY3", pytest.param("SEMI2K", marks=pytest.mark.slow),
+                                      pytest.param("CHEETAH", marks=pytest.mark.slow)])
+def test_linear_pooler_private_matches_plaintext_and_drops_the_tanh(protocol):
+    config = BertConfig.tiny(vocab_size=100).with_approximation(
+        "quad+2quad_len+affine@2+linear")
+    params = init_params(config, 0)
+    result = run((config, params), _batch(config.vocab_size), protocol=protocol)
+    assert np.all(np.isfinite(result.plaintext_logits))
+    assert result.max_abs_diff < TOL and result.label_agreement == 1.0
+    assert "pphlo.tanh" not in result.report.ops  # nothing but linear algebra after [CLS]
+    with_tanh = run((config.replace(pooler_act="tanh"), params), _batch(config.vocab_size),
+                    protocol=protocol, compare=False)
+    assert "pphlo.tanh" in with_tanh.report.ops
+    assert result.report.total.rounds < with_tanh.report.total.rounds
+
+
 @pytest.mark.slow  # a measured SPU run
 def test_measure_records_the_public_table_upload():
     from mpcformer_jax.bench.measure import measure

@@ -347,7 +347,8 @@ class BertPooler(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array):
-        return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
+        squash = approx.get_pooler(self.config.pooler_act)  # tanh in BERT
+        return squash(_dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
 
 
 class BertModel(nn.Module):

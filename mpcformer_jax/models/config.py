@@ -32,6 +32,8 @@ class BertConfig:
       norm_act: name in ``approx.NORM_APPROX`` used for every residual normalisation (the
         embedding's and two per layer; "layernorm" is BERT's own), or a mixed name such as
         "affine@2" that keeps exact LayerNorm at the listed sites (``approx.split_norm``).
+      pooler_act: name in ``approx.POOLER_APPROX`` applied after the pooler's dense layer
+        ("tanh" is BERT's own; RoBERTa's head reads the same module).
       norm_bounds: calibration constants of a calibrated norm (``approx.CALIBRATED``), one
         per normalisation site in forward order (embedding, then attention and FFN output of
         each layer); empty means the entry's default everywhere. Public, like the
@@ -83,6 +85,7 @@ class BertConfig:
     hidden_act: str = "gelu"
     softmax_act: str = "softmax"
     norm_act: str = "layernorm"
+    pooler_act: str = "tanh"
     norm_bounds: tuple[float, ...] = ()
     softmax_bounds: tuple[float, ...] = ()
     softmax_mix: float = 1.0
@@ -102,6 +105,7 @@ class BertConfig:
         approx.get_activation(self.hidden_act)  # raises with the valid names
         approx.get_normaliser(self.softmax_act)
         approx.get_norm(self.norm_act)
+        approx.get_pooler(self.pooler_act)
         norm, exact_sites = approx.split_norm(self.norm_act)
         object.__setattr__(self, "norm_act", approx.join_norm(norm, exact_sites))
         if exact_sites and exact_sites[-1] > 2 * self.num_hidden_layers:
@@ -170,8 +174,9 @@ class BertConfig:
 
     @property
     def approximation(self) -> approx.Approximation:
-        """The three slots' choice as one value."""
-        return approx.Approximation(self.hidden_act, self.softmax_act, self.norm_act)
+        """The four slots' choice as one value."""
+        return approx.Approximation(self.hidden_act, self.softmax_act, self.norm_act,
+                                    self.pooler_act)
 
     def with_approximation(self, choice: approx.Approximation | str) -> BertConfig:
         """The same architecture with other approximations: how a student is made.
@@ -179,6 +184,7 @@ class BertConfig:
         Calibration constants are dropped (they belong to the old choice's sites)."""
         a = approx.Approximation.parse(choice)
         return self.replace(hidden_act=a.activation, softmax_act=a.softmax, norm_act=a.norm,
+                            pooler_act=a.pooler,
                             norm_bounds=(), softmax_bounds=())
 
     @property
@@ -272,6 +278,7 @@ class BertConfig:
             hidden_act=ours.get("hidden_act", _HF_ACT_TO_OURS[act]),
             softmax_act=ours.get("softmax_act", "softmax"),
             norm_act=ours.get("norm_act", "layernorm"),
+            pooler_act=ours.get("pooler_act", "tanh"),
             norm_bounds=tuple(ours.get("norm_bounds", ())),
             softmax_bounds=tuple(ours.get("softmax_bounds", ())),
             public_table_source=ours.get("public_table", {}).get("source", ""),
@@ -320,6 +327,8 @@ class BertConfig:
                              "export the student once its normaliser is whole (mix 1).")
         ours: dict[str, Any] = {"hidden_act": self.hidden_act, "softmax_act": self.softmax_act,
                                 "norm_act": self.norm_act}
+        if self.pooler_act != "tanh":  # absent means tanh: older exports read the same
+            ours["pooler_act"] = self.pooler_act
         if self.norm_bounds:
             ours["norm_bounds"] = list(self.norm_bounds)
         if self.softmax_bounds:
