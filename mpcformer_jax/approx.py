@@ -374,6 +374,21 @@ def query_key_weights(mask: Array, c: float = TWO_QUAD_C, folded: bool = False) 
     return mask * (inverse if folded else inverse * (1.0 / (c * c)))
 
 
+def key_weights_for_client(mask):
+    """mask / n per batch row, n = sum(mask), as the client computes it in plaintext (numpy
+    or jax) for a model with ``client_key_weights``; an all-zero row stays zero."""
+    n = mask.sum(axis=-1, keepdims=True)
+    return mask / (n + (n == 0))
+
+
+def client_key_weights_scaled(weights: Array, c: float = TWO_QUAD_C,
+                              folded: bool = False) -> Array:
+    """``query_key_weights`` from the client's mask / n (``key_weights_for_client``): only
+    the 1 / c^2, which a folded model holds in its attention output layer. Named so cost
+    attribution counts it with the attention normaliser (private/compile.py)."""
+    return weights if folded else weights * (1.0 / (c * c))
+
+
 def _calibrated_reciprocal(denom: Array, bound: float) -> Array:
     # Named so cost attribution counts it with the attention normaliser (private/compile.py).
     return newton_reciprocal(denom, bound)

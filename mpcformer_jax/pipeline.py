@@ -290,7 +290,11 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
             start_config = teacher_config
             student_config, student_params = make_student(
                 teacher_config, teacher.params, choice, plan.layer_map, calibration_data)
-        if progressive and cfg.norm_students_from == "student_stage2":
+        # A student that differs from its start only in the pooler skips stage 1: the
+        # layer-wise terms never see the pooler, so stage 1 would go on training its start.
+        pooler_only = progressive and dataclasses.replace(
+            approximation, pooler=start_config.pooler_act) == start_config.approximation
+        if progressive and (cfg.norm_students_from == "student_stage2" or pooler_only):
             s2 = annealed(f"{choice} stage2", prediction, cfg.stage2, student_config,
                           student_params, ckpt / "stage2", start_config)
         else:

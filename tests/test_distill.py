@@ -252,6 +252,26 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
         run_pipeline(apply_overrides(cfg, ["stage1.learning_rate=0.5"]))
 
 
+@pytest.mark.slow  # two students trained: ~30 s
+def test_a_pooler_only_student_is_stage_two_of_its_start(tmp_path, tiny_checkpoint):
+    stage = StageConfig(epochs=1, batch_size=16, max_steps=2, learning_rate=1e-3)
+    cfg = DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint), max_train=32,
+                        max_dev=16, max_test=16, max_length=32, buckets=(32,),
+                        student_layers=1,
+                        approximations=("quad+2quad", "quad+2quad+layernorm+linear"),
+                        teacher=stage, stage1=stage, stage2=stage, run_baseline=False,
+                        eval_batch_size=16, norm_students_from="student",
+                        out_dir=str(tmp_path / "run"))
+    results = run_pipeline(cfg)
+    ckpt = tmp_path / "run" / "ckpt"
+    assert (ckpt / "quad+2quad" / "stage1").exists()
+    assert not (ckpt / "quad+2quad+layernorm+linear" / "stage1").exists()
+    assert (ckpt / "quad+2quad+layernorm+linear" / "stage2").exists()
+    config, _, _ = load_pretrained(results["exports"]["quad+2quad+layernorm+linear"])
+    assert (config.softmax_act, config.norm_act, config.pooler_act) == \
+        ("2quad", "layernorm", "linear")
+
+
 def _cli(tiny_checkpoint, out_dir, extra=()):
     return [sys.executable, "-m", "experiments.distill", "--config", "default:smoke",
             "--set", f"model={tiny_checkpoint}", "--set", f"out_dir={out_dir}",

@@ -219,6 +219,30 @@ def test_linear_pooler_private_matches_plaintext_and_drops_the_tanh(protocol):
     assert result.report.total.rounds < with_tanh.report.total.rounds
 
 
+def test_client_key_weights_remove_the_per_query_reciprocal():
+    from mpcformer_jax.private.model import encode_client_inputs, prepare
+
+    config = BertConfig.tiny(vocab_size=100).with_approximation("quad+2quad_len+affine")
+    params = init_params(config, 0)
+    batch = _batch(config.vocab_size)
+    prepared, _ = prepare(config, params)
+    assert prepared.client_key_weights  # set by prepare for a length-normalised normaliser
+    assert not prepare(config.with_approximation("quad+2quad"), params)[0].client_key_weights
+    # The client sends mask / n in the mask's place; a padded row's weights sum to one.
+    _, sent = encode_client_inputs(prepared, batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(sent.sum(-1), 1.0, rtol=1e-6)
+    assert np.all((sent > 0) == (batch["attention_mask"] > 0))
+    ours = run((config, params), batch, protocol="ABY3")
+    theirs = run((config, params), batch, protocol="ABY3",
+                 lowering={"client_key_weights": False})
+    assert ours.max_abs_diff < TOL and ours.label_agreement == 1.0
+    np.testing.assert_allclose(ours.plaintext_logits, theirs.plaintext_logits, atol=1e-6)
+    assert "pphlo.reciprocal" not in ours.report.ops and "pphlo.reciprocal" in theirs.report.ops
+    assert ours.report.total.rounds < theirs.report.total.rounds
+    with pytest.raises(ValueError, match="client_key_weights: .*needs the 0/1 mask"):
+        config.with_approximation("quad+2quad").replace(client_key_weights=True)
+
+
 @pytest.mark.slow  # a measured SPU run
 def test_measure_records_the_public_table_upload():
     from mpcformer_jax.bench.measure import measure

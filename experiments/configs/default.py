@@ -109,7 +109,20 @@ def get_config(variant: str = "") -> DistillConfig:
                                    run_baseline=False, norm_students_from="student",
                                    anneal_phases=8, anneal_learning_rate=1e-4,
                                    out_dir="runs/default_len_affine")
+    if variant == "len_sites":
+        # Issue 19: the variant under 600 ABY3 rounds that trains, one step at a time: the
+        # quad+2quad student, its normaliser made 2quad_len (exact LayerNorm), then every
+        # LayerNorm but two made affine: sites 2 and 6, layer 0's and layer 2's FFN outputs
+        # (one exact site, 2 alone, overflowed at stage-1 step 24 at lr 1e-3 and step 34 at
+        # 1e-4, as every affine site did before). Then the pooler's tanh made linear: stage 2
+        # only, as for every student that differs from its start only in the pooler.
+        return dataclasses.replace(cfg, name="default (2quad_len+affine@2:6+linear, progressive)",
+                                   approximations=("quad+2quad", "quad+2quad_len",
+                                                   "quad+2quad_len+affine@2:6",
+                                                   "quad+2quad_len+affine@2:6+linear"),
+                                   run_baseline=False, norm_students_from="student",
+                                   out_dir="runs/default_len_sites")
     if variant:
         raise ValueError(f"Unknown variant {variant!r} of config 'default'; available: smoke, "
-                         "pairs, norms, len, len_affine.")
+                         "pairs, norms, len, len_affine, len_sites.")
     return cfg

@@ -322,7 +322,11 @@ class BertLayerStack(nn.Module):
     def __call__(self, x: Array, mask: Array, deterministic: bool):
         hidden_states, scores = [], []
         key_weights = None
-        if self.config.softmax_act in approx.PER_QUERY_KEY_WEIGHTS:
+        if self.config.client_key_weights:
+            # The client sent mask / n in the mask's place: no reciprocal here at all.
+            key_weights = approx.client_key_weights_scaled(mask.astype(x.dtype),
+                                                           folded=self.config.folded)
+        elif self.config.softmax_act in approx.PER_QUERY_KEY_WEIGHTS:
             # Once per query, shared by every layer: the normaliser's only reciprocal.
             key_weights = approx.query_key_weights(mask.astype(x.dtype),
                                                    folded=self.config.folded)

@@ -60,6 +60,11 @@ class BertConfig:
         made by ``prepare`` in plaintext) instead of concatenated in the forward: a weight
         that stays in a node's memory (what the Beaver cache keys on), not a fresh buffer
         per query. The same function.
+      client_key_weights: the attention-mask input holds mask / n, n the row's number of
+        real tokens, computed by the client (``private.model.encode_client_inputs``): it
+        knows its own lengths, so a length-normalised normaliser pays no reciprocal under
+        MPC at all (about 65 rounds a query under ABY3). Shared like the mask, so it tells
+        no party more than the mask does. Set by ``prepare``; never exported.
       public_table_source, public_table_sha256: set when the word-embedding table is the
         public checkpoint's, unchanged (frozen through fine-tuning and distillation): the
         checkpoint to take it from and the table's hash. A private-inference client then
@@ -97,6 +102,7 @@ class BertConfig:
     gram_variance: bool = False
     beaver_cache_weights: bool = False
     stored_qkv: bool = False
+    client_key_weights: bool = False
     num_labels: int = 2
     is_roberta: bool = False
     label_names: tuple[str, ...] = ()
@@ -126,6 +132,11 @@ class BertConfig:
             raise ValueError(f"softmax_mix {self.softmax_mix} mixes a length-normalised "
                              f"normaliser ({', '.join(sorted(approx.PER_QUERY_KEY_WEIGHTS))}) "
                              f"with 2Quad; softmax_act {self.softmax_act!r} is not one.")
+        if self.client_key_weights and self.softmax_act not in approx.PER_QUERY_KEY_WEIGHTS:
+            raise ValueError(f"client_key_weights: the mask input holds mask / n, which only "
+                             f"a length-normalised normaliser reads "
+                             f"({', '.join(sorted(approx.PER_QUERY_KEY_WEIGHTS))}); softmax_act "
+                             f"{self.softmax_act!r} needs the 0/1 mask.")
         if bool(self.public_table_source) != bool(self.public_table_sha256):
             raise ValueError("public_table_source and public_table_sha256 go together: set "
                              "both (a public word-embedding table) or neither.")

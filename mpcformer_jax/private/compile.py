@@ -50,7 +50,8 @@ _APPROX_FILE = Path(approx.__file__).resolve()
 _ACT_NAMES = {f.__name__ for f in approx.GELU_APPROX.values()}
 _ACT_NAMES |= {"quad_folded"}
 _NORM_NAMES = {f.__name__ for f in approx.SOFTMAX_APPROX.values()} | {
-    "_normalise", "_calibrated_reciprocal", "query_key_weights"}
+    "_normalise", "_calibrated_reciprocal", "query_key_weights",
+    "client_key_weights_scaled"}
 _LN_NAMES = {f.__name__ for f in approx.NORM_APPROX.values()}
 
 

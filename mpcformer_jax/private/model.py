@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mpcformer_jax.approx import PER_QUERY_KEY_WEIGHTS, key_weights_for_client
 from mpcformer_jax.models import BertConfig, fold, forward
 from mpcformer_jax.models.public_table import (
     check_public_table,
@@ -84,7 +85,12 @@ def prepared_config(config: BertConfig, protocol: str = "ABY3",
         raise ValueError(f"softmax_mix {config.softmax_mix} is a training step of a student "
                          "whose normaliser is being mixed in: private inference runs a "
                          "finished student (mix 1).")
-    config = config.replace(folded=True, **{**lowering_for(protocol), **(lowering or {})})
+    # A length-normalised normaliser reads mask / n, which the client computes (it knows its
+    # own lengths): no reciprocal under MPC (``encode_client_inputs``). ``lowering`` may
+    # turn it off, to measure the reciprocal paid by the nodes instead.
+    client_weights = {"client_key_weights": config.softmax_act in PER_QUERY_KEY_WEIGHTS}
+    config = config.replace(folded=True, **{**client_weights, **lowering_for(protocol),
+                                            **(lowering or {})})
     return config.replace(stored_qkv=config.stored_qkv or config.beaver_cache_weights)
 
 
@@ -177,8 +183,9 @@ def encode_client_inputs(config: BertConfig, input_ids: np.ndarray,
 
     The client input is ``lookup(table, ids)`` (B, L, hidden) when the config names a public
     table (``table``: from ``models.public_table.load_public_table``, which checks its
-    hash), else one-hot rows (B, L, V). Runs on the client, in the clear, before anything
-    is shared.
+    hash), else one-hot rows (B, L, V). The mask is 0/1, or mask / n for a config with
+    ``client_key_weights`` (the client knows its own lengths; the nodes then pay no
+    reciprocal for them). Runs on the client, in the clear, before anything is shared.
     """
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -191,6 +198,8 @@ def encode_client_inputs(config: BertConfig, input_ids: np.ndarray,
                          f"{config.max_length} positions")
     mask = np.ones(ids.shape, np.float32) if attention_mask is None else \
         np.asarray(attention_mask, np.float32)
+    if config.client_key_weights:
+        mask = key_weights_for_client(mask).astype(np.float32)
     if config.public_table_source:
         if table is None:
             raise ValueError("this model's word-embedding table is public: pass the table "
