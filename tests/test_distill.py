@@ -145,6 +145,8 @@ def test_every_config_file_builds_validates_and_documents_its_command():
                 len(full.buckets)
             assert (cpu_full.teacher, cpu_full.stage1) == (full.teacher, full.stage1)
             assert cpu_full.out_dir == f"{full.out_dir}_cpu_full"
+    for variant in ("pairs", "norms", "len", "len_affine", "len_sites"):
+        check_config(distill.load_config(f"default:{variant}"))
     pairs = distill.load_config("default:pairs")
     assert len(pairs.approximations) == 4
     assert pairs.out_dir != distill.load_config("default").out_dir
