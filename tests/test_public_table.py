@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from mpcformer_jax.approx import key_weights_for_client
 from mpcformer_jax.models import BertConfig, fold, forward, init_params, save_pretrained
 from mpcformer_jax.models.public_table import lookup, mark_public, word_table
 from mpcformer_jax.private import run
@@ -80,9 +81,13 @@ def test_prepare_for_each_protocol_gives_the_same_forward(protocol, approximatio
         if lowering is None:
             assert {k: getattr(prepared_config, k) for k in lowering_for(protocol)} == \
                 lowering_for(protocol)
+        ids, mask = batch.values()
+        # A length-normalised model reads mask / n, as its client sends it.
+        assert prepared_config.client_key_weights == (approximation == "quad+2quad_len+affine")
+        sent = key_weights_for_client(np.asarray(mask, np.float32)) \
+            if prepared_config.client_key_weights else mask
         np.testing.assert_allclose(
-            np.asarray(forward(prepared_config, prepared, *batch.values())), expected,
-            atol=1e-5)
+            np.asarray(forward(prepared_config, prepared, ids, sent)), expected, atol=1e-5)
     # Preparing a prepared model (run() does, for a model given as (config, params)) keeps
     # its lowering: a measurement's override survives.
     per_head = {"block_diagonal_heads": False, "gram_variance": False}
