@@ -371,7 +371,7 @@ def query_key_weights(mask: Array, c: float = TWO_QUAD_C, folded: bool = False) 
     only mask / n is computed: no multiplication by a public constant on secrets. Named so
     cost attribution counts it with the attention normaliser (private/compile.py)."""
     inverse = jnp.reciprocal(jnp.sum(mask, axis=-1, keepdims=True))
-    return mask * (inverse if folded else inverse * (1.0 / (c * c)))
+    return client_key_weights_scaled(mask * inverse, c, folded)
 
 
 def key_weights_for_client(mask):

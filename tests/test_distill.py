@@ -204,18 +204,25 @@ def test_student_copies_the_mapped_teacher_layers():
 # ------------------------------------------------------------------ whole pipeline
 
 
+def _tiny_run(tmp_path, tiny_checkpoint, approximations, steps: int, examples: int,
+              **fields) -> DistillConfig:
+    """A one-layer student of the tiny checkpoint on ``examples`` rt training snippets (half
+    as many dev and test), every stage ``steps`` steps, in ``tmp_path / "run"``."""
+    stage = StageConfig(epochs=1, batch_size=16, max_steps=steps, learning_rate=1e-3)
+    return DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint),
+                         max_train=examples, max_dev=examples // 2, max_test=examples // 2,
+                         max_length=32, buckets=(32,), student_layers=1,
+                         approximations=approximations, teacher=stage, stage1=stage,
+                         stage2=stage, baseline=stage, eval_batch_size=16,
+                         out_dir=str(tmp_path / "run"), **fields)
+
+
 @pytest.mark.slow  # every stage of the pipeline compiled once: ~40 s
 def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
-    stage = StageConfig(epochs=1, batch_size=16, max_steps=3, learning_rate=1e-3)
-    cfg = DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint), max_train=64,
-                        max_dev=32, max_test=32, max_length=32, buckets=(32,),
-                        student_layers=1,
-                        approximations=("quad+2quad", "quad+2quad+affine@1",
-                                        "quad+2quad_len+affine"),
-                        teacher=stage, stage1=stage, stage2=stage, baseline=stage,
-                        public_word_embeddings=True, eval_batch_size=16,
-                        norm_students_from="student_stage2", anneal_phases=2,
-                        out_dir=str(tmp_path / "run"))
+    cfg = _tiny_run(tmp_path, tiny_checkpoint,
+                    ("quad+2quad", "quad+2quad+affine@1", "quad+2quad_len+affine"), 3, 64,
+                    public_word_embeddings=True, norm_students_from="student_stage2",
+                    anneal_phases=2)
     results = run_pipeline(cfg)
     # The affine student started from the distilled quad+2quad student: no stage 1 of its own.
     ckpt = tmp_path / "run" / "ckpt"
@@ -256,14 +263,8 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
 
 @pytest.mark.slow  # two students trained: ~30 s
 def test_a_pooler_only_student_is_stage_two_of_its_start(tmp_path, tiny_checkpoint):
-    stage = StageConfig(epochs=1, batch_size=16, max_steps=2, learning_rate=1e-3)
-    cfg = DistillConfig(name="tiny", task="rt", model=str(tiny_checkpoint), max_train=32,
-                        max_dev=16, max_test=16, max_length=32, buckets=(32,),
-                        student_layers=1,
-                        approximations=("quad+2quad", "quad+2quad+layernorm+linear"),
-                        teacher=stage, stage1=stage, stage2=stage, run_baseline=False,
-                        eval_batch_size=16, norm_students_from="student",
-                        out_dir=str(tmp_path / "run"))
+    cfg = _tiny_run(tmp_path, tiny_checkpoint, ("quad+2quad", "quad+2quad+layernorm+linear"),
+                    2, 32, run_baseline=False, norm_students_from="student")
     results = run_pipeline(cfg)
     ckpt = tmp_path / "run" / "ckpt"
     assert (ckpt / "quad+2quad" / "stage1").exists()
