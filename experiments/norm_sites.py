@@ -10,9 +10,20 @@ adds the site whose addition scores best, up to ``--max-sites``.
 
     uv run python -m experiments.norm_sites runs/rt_public --student quad+2quad --max-sites 2
 
+``--sites 2:6 4:8`` scores the named sets instead of searching.
+
+    uv run python -m experiments.norm_sites runs/default_len_sites --student quad+2quad_len \
+        --sites 2:6 4:8
+
 Sites: 0 is the embedding's LayerNorm; 2l+1 and 2l+2 are layer l's attention and FFN outputs.
 Each candidate's row goes to stdout, as a table or, with ``--json``, one JSON object per line.
 Progress goes to stderr.
+
+Each row also gives ``max_hidden``, the largest |hidden state| of each layer over the
+calibration batches. Dev accuracy alone did not tell which sets train; this does. A set whose
+activations grow layer over layer overflowed in training: quad+2quad_len+affine@2:6 on trec
+reached 4e25 at the last layer and its stage-1 loss was NaN at step 4, while @4:8 stays
+below 22 on rt and trec and trains (experiments/configs/common.py, LEN_SITES).
 """
 
 from __future__ import annotations
@@ -63,9 +74,30 @@ def load_run(run_dir: Path, student: str):
     return config, params, tok["dev"], calibration, buckets, tuple(task.metrics)
 
 
-def search(run: tuple, norm: str, max_sites: int, batch_size: int = 64):
+def max_hidden(config, params, data: list[dict]) -> list[float]:
+    """The largest |hidden state| of each layer over the batches ``data`` ("inf" or "nan"
+    where the forward overflowed)."""
+    import jax
+    import numpy as np
+
+    from mpcformer_jax.models import forward
+
+    @jax.jit
+    def per_layer(p, ids, mask):
+        _, inter = forward(config, p, ids, mask, output_intermediates=True)
+        return jax.numpy.stack([jax.numpy.abs(h).max() for h in inter["hidden_states"]])
+
+    worst = np.max([np.asarray(per_layer(params, b["input_ids"], b["attention_mask"]))
+                    for b in data], axis=0)
+    # JSON has no inf or nan: an overflowed layer reads "inf" or "nan", as in metrics.jsonl.
+    return [round(float(x), 4) if np.isfinite(x) else str(float(x)) for x in worst]
+
+
+def search(run: tuple, norm: str, max_sites: int, batch_size: int = 64,
+           sites: list[tuple[int, ...]] | None = None):
     """Yields one row per scored candidate of a ``load_run``: exact sites, norm name, dev
-    metrics."""
+    metrics, the largest |hidden state| per layer on the calibration batches. ``sites``:
+    score these sets of exact sites instead of searching."""
     config, params, dev, calibration, buckets, metrics = run
     mesh = parallel.make_mesh()
     n_sites = 1 + 2 * config.num_hidden_layers
@@ -75,11 +107,17 @@ def search(run: tuple, norm: str, max_sites: int, batch_size: int = 64):
         candidate, cand_params = calibrate(config.replace(norm_act=name), params, calibration)
         result = evaluate(make_predict_step(candidate), cand_params, dev, metrics, batch_size,
                           mesh, buckets, desc=name)
-        return {"exact_sites": list(exact_sites), "norm": name, **result}
+        return {"exact_sites": list(exact_sites), "norm": name, **result,
+                "max_hidden": max_hidden(candidate, cand_params, calibration)}
 
     yield {"exact_sites": list(range(n_sites)), "norm": "layernorm",
            **evaluate(make_predict_step(config), params, dev, metrics, batch_size, mesh,
-                      buckets, desc="layernorm")}
+                      buckets, desc="layernorm"),
+           "max_hidden": max_hidden(config, params, calibration)}
+    if sites is not None:
+        for exact in sites:
+            yield score(tuple(sorted(set(exact))))
+        return
     chosen: tuple[int, ...] = ()
     yield score(chosen)
     for _ in range(max_sites):
@@ -98,21 +136,38 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--norm", default="affine", choices=sorted(
         set(approx.NORM_APPROX) - {"layernorm"}), help="the replacement")
     parser.add_argument("--max-sites", type=int, default=2, help="exact sites to add, greedily")
+    parser.add_argument("--sites", nargs="+", metavar="A:B",
+                        help="score these sets of exact sites (e.g. 2:6 4:8) instead of the "
+                             "greedy search")
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
     args = parser.parse_args(argv)
     if args.max_sites < 0:
         parser.error("--max-sites must be >= 0")
+    try:
+        sites = None if args.sites is None else [
+            tuple(int(x) for x in spec.split(":") if x) for spec in args.sites]
+    except ValueError:
+        parser.error(f"--sites takes exact sites as integers joined by ':', got {args.sites}")
+    if sites and any(s < 0 for exact in sites for s in exact):
+        parser.error("--sites: sites are >= 0")
     run = load_run(args.run_dir, args.student)  # a wrong path or name fails before any output
+    n_sites = 1 + 2 * run[0].num_hidden_layers
+    if sites and any(s >= n_sites for exact in sites for s in exact):
+        raise SystemExit(f"norm_sites: --sites {' '.join(args.sites)} names a site beyond this "
+                         f"model's 0..{n_sites - 1}")
     rows = []
     if not args.json:
-        print("| exact sites | norm | dev main |\n|---|---|---:|", flush=True)
-    for row in search(run, args.norm, args.max_sites):
+        print("| exact sites | norm | dev main | max abs hidden state per layer |\n"
+              "|---|---|---:|---|", flush=True)
+    for row in search(run, args.norm, args.max_sites, sites=sites):
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            sites = ",".join(map(str, row["exact_sites"]))
-            print(f"| {sites or '-'} | {row['norm']} | {row['main']:.4f} |", flush=True)
+            shown = ",".join(map(str, row["exact_sites"]))
+            hidden = " ".join(f"{float(x):.3g}" for x in row["max_hidden"])
+            print(f"| {shown or '-'} | {row['norm']} | {row['main']:.4f} | {hidden} |",
+                  flush=True)
     return rows
 
 

@@ -280,7 +280,7 @@ def _cli(tiny_checkpoint, out_dir, extra=()):
             "--set", f"model={tiny_checkpoint}", "--set", f"out_dir={out_dir}",
             "--set", "max_length=32", "--set", "buckets=32", "--set", "stage1.max_steps=30",
             "--set", "stage1.epochs=4", "--set", "stage1.checkpoint_every=5",
-            "--set", "stage1.learning_rate=1e-3", *extra]
+            "--set", "stage1.learning_rate=1e-3", "--set", "run_baseline=false", *extra]
 
 
 @pytest.mark.slow  # three CLI runs of the tiny pipeline: ~2 min
@@ -444,6 +444,15 @@ def test_norm_sites_greedy_search_on_a_tiny_run(tmp_path, tiny_checkpoint, capsy
     assert rows[1]["norm"] == "affine" and rows[1]["exact_sites"] == []
     assert [r["norm"] for r in rows[2:]] == [f"affine@{s}" for s in range(5)]
     assert all(0.0 <= r["main"] <= 1.0 and r["main"] == r["accuracy"] for r in rows)
+    assert all(len(r["max_hidden"]) == 2 and all(0 < h < 1e3 for h in r["max_hidden"])
+               for r in rows)
+    named = norm_sites.main([str(run), "--sites", "1:3", "4", "--json"])
+    assert [r["norm"] for r in named] == ["layernorm", "affine@1:3", "affine@4"]
+    # The all-exact row is the search's, and a named set scores as the search scored it.
+    assert named[0] == rows[0] and named[2] == rows[2 + 4]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="beyond this model's 0..4"):
+        norm_sites.main([str(run), "--sites", "2:5"])
 
     with pytest.raises(SystemExit, match="not a distillation run"):
         norm_sites.main([str(tmp_path), "--json"])
