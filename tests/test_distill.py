@@ -145,14 +145,25 @@ def test_every_config_file_builds_validates_and_documents_its_command():
                 len(full.buckets)
             assert (cpu_full.teacher, cpu_full.stage1) == (full.teacher, full.stage1)
             assert cpu_full.out_dir == f"{full.out_dir}_cpu_full"
-    for variant in ("pairs", "norms", "len", "len_affine", "len_sites"):
+            for base in ("cpu", "cpu_full"):  # issue 19's chain on that run's data and stages
+                chain = distill.load_config(f"{name}:{base}_len_sites")
+                check_config(chain)
+                run = distill.load_config(f"{name}:{base}")
+                assert chain.approximations == common.len_sites_chain()
+                assert (chain.max_train, chain.teacher, chain.stage1) == \
+                    (run.max_train, run.teacher, run.stage1)
+                assert chain.out_dir == f"{run.out_dir}_len_sites" and not chain.run_baseline
+    for variant in ("pairs", "norms", "len", "len_affine", "len_sites", "len_sites_2_6"):
         check_config(distill.load_config(f"default:{variant}"))
+    assert distill.load_config("default:len_sites").approximations[-1] == \
+        "quad+2quad_len+affine@4:8+linear"
     pairs = distill.load_config("default:pairs")
     assert len(pairs.approximations) == 4
     assert pairs.out_dir != distill.load_config("default").out_dir
     with pytest.raises(ValueError, match="available: smoke, pairs"):
         distill.load_config("default:nope")
-    with pytest.raises(ValueError, match="available: smoke, cpu_full, cpu"):
+    with pytest.raises(ValueError, match="available: smoke, cpu_full, cpu_full_len_sites, cpu, "
+                                         "cpu_len_sites"):
         distill.load_config("rt_full:nope")
     assert common.fine_buckets(64) == (16, 24, 32, 48, 64)
     assert common.fine_buckets(32) == (16, 24, 32) and common.fine_buckets(100)[-2:] == (96, 100)

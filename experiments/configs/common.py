@@ -152,11 +152,15 @@ def cpu_full(cfg: DistillConfig) -> DistillConfig:
 
 def variant_of(cfg: DistillConfig, variant: str, cpu_variant: DistillConfig | None = None,
                config_name: str = "") -> DistillConfig:
-    """Picks "" (the config), "smoke", "cpu" or "cpu_full"; an unknown variant names the
-    valid ones."""
-    choices = {"": cfg, "smoke": smoke(cfg), "cpu_full": cpu_full(cfg)}
+    """Picks "" (the config), "smoke", "cpu", "cpu_full", or "cpu_len_sites" /
+    "cpu_full_len_sites" (those runs training issue 19's chain, ``len_sites``); an unknown
+    variant names the valid ones."""
+    full_run = cpu_full(cfg)
+    choices = {"": cfg, "smoke": smoke(cfg), "cpu_full": full_run,
+               "cpu_full_len_sites": len_sites(full_run, f"{full_run.out_dir}_len_sites")}
     if cpu_variant is not None:
         choices["cpu"] = cpu_variant
+        choices["cpu_len_sites"] = len_sites(cpu_variant, f"{cpu_variant.out_dir}_len_sites")
     if variant not in choices:
         raise ValueError(f"Unknown variant {variant!r} of config {config_name!r}; available: "
                          f"{', '.join(v for v in choices if v)}.")

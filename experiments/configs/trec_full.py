@@ -11,8 +11,11 @@ Commands:
     # the XLA flag selects XLA:CPU's faster legacy runtime
     XLA_FLAGS=--xla_cpu_use_thunk_runtime=false \
         python -m experiments.distill --config trec_full:cpu_full
-    # issue 19's cheapest variant, progressive from the cpu run's quad+2quad student
+    # issue 19's cheapest variant, progressive from the quad+2quad student: the cpu run's
+    # data and stages, or every example (every full config has both)
     python -m experiments.distill --config trec_full:cpu_len_sites
+    XLA_FLAGS=--xla_cpu_use_thunk_runtime=false \
+        python -m experiments.distill --config trec_full:cpu_full_len_sites
     # ~3 min pipeline check
     python -m experiments.distill --config trec_full:smoke
 
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.configs.common import cpu, full, len_sites, variant_of
+from experiments.configs.common import cpu, full, variant_of
 from mpcformer_jax.train.config import DistillConfig
 
 
@@ -54,9 +57,4 @@ def get_config(variant: str = "") -> DistillConfig:
         cfg, teacher=dataclasses.replace(cfg.teacher, epochs=10),
         stage1=dataclasses.replace(cfg.stage1, epochs=20),
         baseline=dataclasses.replace(cfg.baseline, epochs=23))
-    cpu_cfg = cpu(cfg, max_train=2400, epochs=(6, 4, 2))
-    if variant == "cpu_len_sites":
-        # Issue 19: the cpu run's data and stages, training the chain down to
-        # quad+2quad_len+affine@4:8+linear (its rt figures: default:len_sites).
-        return len_sites(cpu_cfg, out_dir="runs/trec_len_sites_4_8")
-    return variant_of(cfg, variant, cpu_cfg, "trec_full")
+    return variant_of(cfg, variant, cpu(cfg, max_train=2400, epochs=(6, 4, 2)), "trec_full")
