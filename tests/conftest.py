@@ -50,7 +50,12 @@ def tiny_hf_bert(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory):
-    """An exported tiny quad/2quad student with a word-level tokenizer (100 tokens)."""
+    """An exported tiny quad/2quad student with a word-level tokenizer (100 tokens), one
+    layer deep.
+
+    The service, batching, soak and deployment tests use it: they test what happens around an
+    execution, and one layer halves each execution (0.74 against 1.39 s for 8x16 under ABY3
+    in-process). Depth under MPC is tested on two-layer models (test_private.py)."""
     from transformers import BertTokenizerFast
 
     from mpcformer_jax.models import BertConfig, init_params, save_pretrained
@@ -62,10 +67,12 @@ def tiny_student(tmp_path_factory):
     words += [f"w{i}" for i in range(100 - len(words))]
     (root / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
-    config = BertConfig.tiny(hidden_act="quad", softmax_act="2quad", vocab_size=100)
+    config = BertConfig.tiny(hidden_act="quad", softmax_act="2quad", vocab_size=100,
+                             num_hidden_layers=1)
     # Kernels 10x the init scale: at BERT's 0.02 every text gets nearly the same logits
     # (1e-5 apart), so an answer handed to the wrong client would pass a 0.05 check. Here
-    # texts' logits lie 0.1-0.3 apart and the private forward stays within 0.01 of plaintext.
+    # texts' logits lie 0.1-0.3 apart (median 0.18; 5% of pairs of different texts within
+    # 0.05) and the private forward stays within 0.01 of plaintext.
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x * 10 if "kernel" in jax.tree_util.keystr(path) else x,
         init_params(config, 1))

@@ -162,7 +162,7 @@ def _together(state, texts_per_client):
 
 @pytest.mark.slow  # starts SPU node processes
 def test_six_clients_in_one_execution_get_exactly_their_own_rows(batched, tiny_student):
-    texts = [[f"{WORDS[k]} film {WORDS[k + 6]}"] for k in range(5)] + [["dull", "fun plot"]]
+    texts = [[f"{WORDS[k]} movie {WORDS[k + 6]}"] for k in range(5)] + [["dull", "fun plot"]]
     plains = [plaintext_logits(tiny_student, t, 8) for t in texts]
     for i in range(len(texts)):  # a swapped answer would show: every pair is told apart
         for j in range(i):

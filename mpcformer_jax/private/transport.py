@@ -132,6 +132,25 @@ def peer_identity(context: grpc.ServicerContext) -> tuple[str, str]:
     return subject_of(certs[0]) if certs else ("", "")
 
 
+def _started_pool(workers: int):
+    """A ThreadPoolExecutor with all ``workers`` threads already running.
+
+    The executor starts a thread only when a call finds none idle, so a long-lived server's
+    thread count would creep up to ``workers`` with the busiest moment it has seen. Started at
+    once, the count is flat from the first query on, and any later thread is a leak that the
+    soak test (tests/test_soak.py) sees.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    gate = threading.Barrier(workers + 1, timeout=60)
+    for _ in range(workers):  # each submit finds no idle thread (all wait here) and starts one
+        pool.submit(gate.wait)
+    gate.wait()
+    return pool
+
+
 def server(address: str, ident: Identity, handlers: dict, max_workers: int,
            max_concurrent: int) -> grpc.Server:
     """A started gRPC server on ``address`` that only speaks mutual TLS under our CA.
@@ -139,12 +158,10 @@ def server(address: str, ident: Identity, handlers: dict, max_workers: int,
     ``handlers`` maps method name -> ``grpc.*_rpc_method_handler`` (bytes in, bytes out).
     Raises OSError with advice when the port is taken.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     cert, key, ca = ident.read()
     creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                         require_client_auth=True)
-    srv = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=_SERVER_OPTIONS,
+    srv = grpc.server(_started_pool(max_workers), options=_SERVER_OPTIONS,
                       maximum_concurrent_rpcs=max_concurrent)
     srv.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     try:
