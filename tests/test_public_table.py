@@ -53,20 +53,26 @@ def public_student(tmp_path_factory):
 # ------------------------------------------------------------------ plaintext identities
 
 
-@pytest.mark.parametrize("approximation", ["quad+2quad", "exact", "quad+2quad_len+affine"])
+@pytest.mark.parametrize("approximation", ["quad+2quad", "exact", "quad+2quad_len+affine",
+                                           "quad+2quad_len+affine@1+linear"])
 def test_fold_changes_nothing(approximation):
     config = BertConfig.tiny().with_approximation(approximation)
     params = init_params(config, 1)
     batch = _batch(config.vocab_size)
     folded_config, folded = fold(config, params)
     assert folded_config.folded and not config.folded
+    # A linear pooler is folded into the classifier: no pooler is left to compute or share.
+    assert ("pooler" in folded["bert"]) == (config.pooler_act != "linear")
+    assert jax.tree_util.tree_structure(folded) == \
+        jax.tree_util.tree_structure(init_params(folded_config, 0))
     np.testing.assert_allclose(forward(folded_config, folded, *batch.values()),
                                forward(config, params, *batch.values()), atol=1e-5)
     assert fold(folded_config, folded)[1] is folded  # folding twice is a no-op
 
 
 @pytest.mark.parametrize("protocol", ["ABY3", "SEMI2K", "CHEETAH"])
-@pytest.mark.parametrize("approximation", ["exact", "quad+2quad", "quad+2quad_len+affine"])
+@pytest.mark.parametrize("approximation", ["exact", "quad+2quad", "quad+2quad_len+affine",
+                                           "quad+2quad_len+affine@1+linear"])
 def test_prepare_for_each_protocol_gives_the_same_forward(protocol, approximation):
     # Each protocol gets its own lowering (private.model.LOWERING); every lowering computes
     # the unprepared model's function, also for every combination of the two choices.
@@ -83,7 +89,7 @@ def test_prepare_for_each_protocol_gives_the_same_forward(protocol, approximatio
                 lowering_for(protocol)
         ids, mask = batch.values()
         # A length-normalised model reads mask / n, as its client sends it.
-        assert prepared_config.client_key_weights == (approximation == "quad+2quad_len+affine")
+        assert prepared_config.client_key_weights == ("2quad_len" in approximation)
         sent = key_weights_for_client(np.asarray(mask, np.float32)) \
             if prepared_config.client_key_weights else mask
         np.testing.assert_allclose(

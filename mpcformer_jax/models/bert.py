@@ -372,7 +372,10 @@ class BertModel(nn.Module):
                                                              deterministic, word_vectors)
         x, hidden_states, scores = BertEncoder(self.config, name="encoder")(
             emb, attention_mask, deterministic)
-        pooled = BertPooler(self.config, name="pooler")(x)
+        if self.config.folded and self.config.pooler_act == "linear":
+            pooled = x[:, 0]  # the pooler's dense layer is in the classifier (models.fold)
+        else:
+            pooled = BertPooler(self.config, name="pooler")(x)
         intermediates = {"embeddings": emb, "hidden_states": hidden_states,
                          "attention_scores": scores}
         return x, pooled, intermediates

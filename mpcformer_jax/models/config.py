@@ -45,8 +45,9 @@ class BertConfig:
       fuse_qkv: compute Q, K and V as one matmul (the parameters stay three Dense layers);
         False only to check that fusing changes nothing.
       folded: public constants are folded into the weights (``models.fold``): the attention
-        scale into the query weights, quad's constants into the FFN output weights. Set by
-        the owner for private inference, never for training.
+        scale into the query weights, quad's constants into the FFN output weights, a linear
+        pooler into the classifier (no pooler parameters then). Set by the owner for private
+        inference, never for training.
       block_diagonal_heads: compute the attention products of all heads as one matmul with
         a block-diagonal operand (the same values; one round instead of one per head under
         SPU, H-fold local compute). Set by ``private.model.prepare``, never for training.

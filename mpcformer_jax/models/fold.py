@@ -6,7 +6,10 @@ secret-shared, costs nothing. ``fold`` moves two such constants into the weights
 
 * the attention scale 1/sqrt(head_dim) into the query kernel and bias;
 * quad's 0.125 and 0.375 into the FFN output layer (``approx.quad_folded``);
-* ``2quad_len``'s 1 / c^2 into the attention output layer (``approx.query_key_weights``).
+* ``2quad_len``'s 1 / c^2 into the attention output layer (``approx.query_key_weights``);
+* a linear pooler (``approx.pooler_linear``) into the classifier: W_c (W_p h + b_p) + b_c is
+  one affine map of [CLS], (W_p W_c, b_p W_c + b_c), so the query pays one product and one
+  truncation fewer. The folded model has no pooler parameters.
 
 The folded model computes the same function (tested); its config says ``folded=True`` so the
 forward skips what the weights now hold. Only the owner folds, for private inference.
@@ -59,4 +62,14 @@ def fold(config: BertConfig, params: dict[str, Any]) -> tuple[BertConfig, dict[s
     encoder = dict(bert["encoder"])
     encoder["layer"] = new_layers
     bert["encoder"] = encoder
-    return config.replace(folded=True), {**params, "bert": bert}
+    params = {**params, "bert": bert}
+    if config.pooler_act == "linear":
+        pooler = bert.pop("pooler")["dense"]
+        head = params["classifier"]
+        # float64 for the product, so folding adds no rounding of its own
+        kernel = np.asarray(pooler["kernel"], np.float64) @ np.asarray(head["kernel"], np.float64)
+        bias = np.asarray(pooler["bias"], np.float64) @ np.asarray(head["kernel"], np.float64) \
+            + np.asarray(head["bias"], np.float64)
+        dtype = np.asarray(head["kernel"]).dtype
+        params["classifier"] = {"kernel": kernel.astype(dtype), "bias": bias.astype(dtype)}
+    return config.replace(folded=True), params
