@@ -35,9 +35,12 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from mpcformer_jax import approx
 from mpcformer_jax.data import batches, load_task, tokenize_split
-from mpcformer_jax.models import load_pretrained
+from mpcformer_jax.models import forward, load_pretrained
 from mpcformer_jax.models.calibrate import calibrate
 from mpcformer_jax.pipeline import CALIBRATION_BATCH_SIZE, CALIBRATION_BATCHES
 from mpcformer_jax.train import parallel
@@ -78,10 +81,6 @@ def load_run(run_dir: Path, student: str):
 def max_hidden(config, params, data: list[dict]) -> list[float]:
     """The largest |hidden state| of each layer over the batches ``data`` ("inf" or "nan"
     where the forward overflowed)."""
-    import jax
-    import numpy as np
-
-    from mpcformer_jax.models import forward
 
     @jax.jit
     def per_layer(p, ids, mask):

@@ -78,6 +78,7 @@ def _nodes(n, port=0):
     ({"link": {"connect_retry_times": "x"}}, "link.connect_retry_times must be a int"),
     ({"link": {"recv_timeout_ms": -5}}, "link.recv_timeout_ms must not be negative"),
     ({"service": {"max_queue": 0}}, "service.max_queue must be >= 1"),
+    ({"service": {"max_queue": 100_000}}, "service.max_queue must be at most 1024"),
     ({"service": {"queue": 3}}, "unknown field(s) ['queue'] in"),
 ])
 def test_config_errors_say_what_is_wrong(change, message):

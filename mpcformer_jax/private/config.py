@@ -16,7 +16,7 @@ MPC traffic; SPU's own brpc server listens on a private Unix socket, see tunnel.
 its gRPC service, where the model owner uploads weight shares and clients send queries, both
 over mutual TLS. Port 0 means "choose a free port at launch" (only ``spu_run`` with all roles
 on one machine can do that; separately started roles need fixed ports). ``service`` bounds a
-served model: ``max_queue`` queries waiting per node (more are refused as "queue full"),
+served model: ``max_queue`` queries waiting per node (1 to 1024; more are refused as "queue full"),
 ``share_wait_s``, how long a node waits for a query's shares to reach every node,
 ``max_batch_delay_ms``, how long node 0 holds the oldest waiting query for others to join
 its execution (a full batch runs at once), and ``batching`` (default true; false runs every
@@ -52,6 +52,8 @@ _SERVICE_KEYS = {"max_queue": int, "share_wait_s": (int, float),
 # clients that start together, or that one execution just answered, to share the next.
 _SERVICE_DEFAULTS = {"max_queue": 32, "share_wait_s": 30.0, "max_batch_delay_ms": 200.0,
                      "batching": True}
+# The most queries a node lets wait: it keeps a gRPC thread per slot (transport.server).
+MAX_QUEUE = 1024
 # Set by this package, not by a config: profiling is how the cost report is measured.
 _RESERVED_RUNTIME = {"protocol", "enable_pphlo_profile", "enable_hal_profile"}
 
@@ -284,6 +286,10 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ClusterConfig:
     _check_typed(service, _SERVICE_KEYS, f"{source}: service")
     if service.get("max_queue", 1) < 1 or service.get("share_wait_s", 1) <= 0:
         raise ConfigError(f"{source}: service.max_queue must be >= 1 and share_wait_s > 0")
+    if service.get("max_queue", 1) > MAX_QUEUE:
+        raise ConfigError(f"{source}: service.max_queue must be at most {MAX_QUEUE} (each "
+                          "node keeps a thread per waiting query); got "
+                          f"{service['max_queue']}")
     if service.get("max_batch_delay_ms", 0) > 60_000:
         raise ConfigError(f"{source}: service.max_batch_delay_ms must be at most 60000 (a "
                           "query would wait a minute for company)")
