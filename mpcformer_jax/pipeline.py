@@ -149,11 +149,15 @@ def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     parallel.sync("prepare out_dir")
-    current = cfg.to_dict()
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(current)):
-        raise ValueError(f"{out} holds a run with a different config ({saved}). Resume it with "
-                         "the same config, pass --fresh to start over, or choose another "
-                         "out_dir.")
+    current = json.loads(json.dumps(cfg.to_dict()))
+    before = json.loads(saved.read_text()) if saved.exists() else current
+    if before != current:
+        differ = ", ".join(f"{k}: {before.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
+                           for k in sorted(set(before) | set(current))
+                           if before.get(k) != current.get(k))
+        raise ValueError(f"{out} holds a run with a different config ({saved}; {differ}). "
+                         "Resume it with the same config, pass --fresh to start over, or "
+                         "choose another out_dir.")
     parallel.sync("check out_dir")
     if parallel.is_primary():
         saved.write_text(json.dumps(current, indent=2) + "\n")
@@ -298,7 +302,10 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
             s2 = annealed(f"{choice} stage2", prediction, cfg.stage2, student_config,
                           student_params, ckpt / "stage2", start_config)
         else:
-            s1 = annealed(f"{choice} stage1", layerwise, cfg.stage1, student_config,
+            stage1 = cfg.stage1
+            if progressive and cfg.progressive_stage1_epochs:
+                stage1 = dataclasses.replace(stage1, epochs=cfg.progressive_stage1_epochs)
+            s1 = annealed(f"{choice} stage1", layerwise, stage1, student_config,
                           student_params, ckpt / "stage1", start_config)
             s2 = stage(f"{choice} stage2", prediction, cfg.stage2, student_config,
                        s1.params, ckpt / "stage2")

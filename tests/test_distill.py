@@ -1,6 +1,7 @@
 """The pipeline and its entry point: config validation before any work, overrides, config
 files, students with a layer map, and a whole pipeline run on a tiny checkpoint."""
 
+import dataclasses
 import importlib
 import json
 import os
@@ -268,7 +269,7 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     # A second run with the same config resumes: every stage is already done.
     again = run_pipeline(cfg)
     assert again["rows"] == results["rows"]
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match="different config.*; stage1: .*0.5"):
         run_pipeline(apply_overrides(cfg, ["stage1.learning_rate=0.5"]))
 
 
@@ -284,6 +285,25 @@ def test_a_pooler_only_student_is_stage_two_of_its_start(tmp_path, tiny_checkpoi
     config, _, _ = load_pretrained(results["exports"]["quad+2quad+layernorm+linear"])
     assert (config.softmax_act, config.norm_act, config.pooler_act) == \
         ("2quad", "layernorm", "linear")
+
+
+@pytest.mark.slow  # two students trained: ~30 s
+def test_a_progressive_student_takes_its_own_stage_one_epochs(tmp_path, tiny_checkpoint):
+    cfg = _tiny_run(tmp_path, tiny_checkpoint, ("quad+2quad", "quad+2quad_len"), 2, 32,
+                    run_baseline=False, norm_students_from="student",
+                    progressive_stage1_epochs=1)
+    # 32 examples in batches of 16: 2 steps an epoch; stage 1 runs 3 epochs, the link 1.
+    cfg = dataclasses.replace(cfg, stage1=StageConfig(epochs=3, batch_size=16,
+                                                      learning_rate=1e-3))
+    run_pipeline(cfg)
+    done = {r["stage"]: r["steps"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
+                                                .read_text().splitlines())
+            if r.get("event") == "done"}
+    assert done["quad+2quad stage1"] == 6
+    assert done["quad+2quad_len stage1"] == 2
+    assert done["quad+2quad_len stage2"] == done["quad+2quad stage2"] == 2
+    with pytest.raises(ValueError, match="progressive_stage1_epochs must be >= 0"):
+        dataclasses.replace(cfg, progressive_stage1_epochs=-1)
 
 
 def _cli(tiny_checkpoint, out_dir, extra=()):

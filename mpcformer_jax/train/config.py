@@ -102,6 +102,10 @@ class DistillConfig:
         softmax and exact LayerNorm (listed before it), calibrated from there, then both
         stages. "student_stage2": the same start, stage 2 only (its hidden states were
         already matched as that student).
+      progressive_stage1_epochs: stage-1 epochs of a progressive student (one that starts
+        from another distilled student of the run, ``norm_students_from``); 0: ``stage1``'s.
+        Such a student starts near its target, so the full-data chains give it fewer passes
+        than the first student (``experiments.configs.common.len_sites``).
       anneal_phases: a student whose normaliser stops dividing each row by its sum
         (2quad_len) after weights trained with row sums (the teacher, a 2quad student)
         gets its first training stage in this many phases, the new normaliser mixed in at
@@ -139,6 +143,7 @@ class DistillConfig:
     baseline: StageConfig = StageConfig(epochs=8, learning_rate=5e-5)
     run_baseline: bool = True
     norm_students_from: str = "teacher"
+    progressive_stage1_epochs: int = 0
     anneal_phases: int = 0
     anneal_learning_rate: float = 0.0
     public_word_embeddings: bool = False
@@ -174,6 +179,9 @@ class DistillConfig:
                         f"norm_students_from={self.norm_students_from!r}: {a.name} starts from "
                         f"the {starts[0].name} student, so list {names} before it in "
                         "approximations.")
+        if self.progressive_stage1_epochs < 0:
+            raise ValueError(f"progressive_stage1_epochs must be >= 0 (0: stage1.epochs), got "
+                             f"{self.progressive_stage1_epochs}.")
         if self.anneal_phases < 0:
             raise ValueError(f"anneal_phases must be >= 0 (0: no annealing), got "
                              f"{self.anneal_phases}.")
