@@ -205,3 +205,21 @@ def test_nan_loss_stops_with_stage_and_step(tmp_path, synthetic_split):
     with pytest.raises(loop.NonFiniteLossError, match=r"Stage 'teacher'.* at step \d+"):
         _run(tmp_path, "teacher", TaskObjective(), TEACHER, params, stage,
              (synthetic_split(64, 0), synthetic_split(32, 9)))
+
+
+def test_one_compiled_predict_per_config():
+    # A student's dev evaluations in both stages and its test score share one program per
+    # padded length: the step is the same jitted function, and a second call with the same
+    # shapes compiles nothing.
+    from mpcformer_jax.train.steps import make_predict_step
+
+    predict = make_predict_step(STUDENT)
+    assert make_predict_step(STUDENT.replace()) is predict
+    assert make_predict_step(TEACHER) is not predict
+    params = init_params(STUDENT, jax.random.PRNGKey(0))
+    ones = jnp.ones((2, 16), jnp.int32)
+    batch = {"input_ids": ones, "attention_mask": ones, "token_type_ids": 0 * ones}
+    first = predict(params, batch)
+    assert predict._cache_size() == 1
+    np.testing.assert_array_equal(make_predict_step(STUDENT)(params, batch), first)
+    assert predict._cache_size() == 1
