@@ -271,6 +271,16 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     assert again["rows"] == results["rows"]
     with pytest.raises(ValueError, match="different config.*; stage1: .*0.5"):
         run_pipeline(apply_overrides(cfg, ["stage1.learning_rate=0.5"]))
+    # A run saved before a field existed resumes while the field keeps its default, and
+    # not once it is set.
+    saved = tmp_path / "run" / "config.json"
+    older = json.loads(saved.read_text())
+    del older["progressive_stage1_epochs"]
+    saved.write_text(json.dumps(older))
+    assert run_pipeline(cfg)["rows"] == results["rows"]
+    saved.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="progressive_stage1_epochs: 0 -> 3"):
+        run_pipeline(dataclasses.replace(cfg, progressive_stage1_epochs=3))
 
 
 @pytest.mark.slow  # two students trained: ~30 s
