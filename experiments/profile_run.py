@@ -5,7 +5,9 @@ Command:
     python -m experiments.profile_run --config trec_full:cpu_full --steps 10
     python -m experiments.profile_run --config rt_full:cpu_full --set buckets=32,64
 
-For each stage the config would run (teacher, then per pair stage 1, stage 2, baseline) it
+For each stage the config would run (teacher, then per student stage 1, stage 2 and the
+baseline, as ``pipeline.student_plans`` lays them out: a progressive student takes
+``progressive_stage1_epochs`` or no stage 1; annealing phases are not modelled) it
 counts the batches of each padded length that the real batcher produces from the real
 tokenized training split, times the real jitted ``train_step`` of that stage at each of those
 shapes (after compiling it, ``--steps`` timed steps, the median counts) and the dev/test
@@ -29,7 +31,7 @@ import numpy as np
 from experiments.distill import load_config
 from mpcformer_jax.data import batches, load_task, num_batches, tokenize_split
 from mpcformer_jax.models import init_params, load_pretrained
-from mpcformer_jax.pipeline import check_config, make_student
+from mpcformer_jax.pipeline import check_config, student_plans
 from mpcformer_jax.train import parallel
 from mpcformer_jax.train.config import apply_overrides
 from mpcformer_jax.train.objectives import (
@@ -121,17 +123,23 @@ def main(argv: list[str] | None = None) -> dict:
                                     shuffle=True, group_by_length=True))
     host_s = (time.perf_counter() - t) / n_host
 
-    pair = cfg.approximations[0]
-    student_cfg, _ = make_student(teacher_cfg, teacher_params, pair, plan.layer_map)
+    # Each student as the pipeline trains it (pipeline.student_plans): a progressive one
+    # takes its own stage-1 epochs or none. Its config is timed with random weights, so a
+    # student that calibrates replaced norms needs no calibration here.
+    n_student = len(plan.layer_map)
+    layerwise = LayerwiseObjective(teacher_cfg, teacher_params, plan.layer_map,
+                                   cfg.layerwise_weights)
+    prediction = PredictionObjective(teacher_cfg, teacher_params, cfg.temperature)
     stages = [("teacher", TaskObjective(), teacher_cfg, cfg.teacher)]
-    per_pair = [
-        ("stage1", LayerwiseObjective(teacher_cfg, teacher_params, plan.layer_map,
-                                      cfg.layerwise_weights), student_cfg, cfg.stage1),
-        ("stage2", PredictionObjective(teacher_cfg, teacher_params, cfg.temperature),
-         student_cfg, cfg.stage2)]
-    if cfg.run_baseline:
-        per_pair.append(("baseline", TaskObjective(), student_cfg, cfg.baseline))
-    stages += per_pair * len(cfg.approximations)
+    for student in student_plans(cfg):
+        student_cfg = teacher_cfg.with_approximation(student.approximation).replace(
+            num_hidden_layers=n_student)
+        if student.stage1 is not None:
+            stages.append(("stage1", layerwise, student_cfg, student.stage1))
+        stages.append(("stage2", prediction, student_cfg, cfg.stage2))
+        if cfg.run_baseline:
+            stages.append(("baseline", TaskObjective(), student_cfg, cfg.baseline))
+    models = {config for _, _, config, _ in stages}
 
     print(f"{cfg.name}: {len(data['train'])} train / {len(data['dev'])} dev / "
           f"{len(data['test'])} test, buckets {buckets or 'default'}, "
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = compile_s = 0.0
         cells = []
         for length, n in sorted(counts.items()):
-            key = (name, length, stage.batch_size)
+            key = (name, config, length, stage.batch_size)
             if key not in cache:
                 batch = _fake_batch(stage.batch_size, length, config.num_labels, mesh)
                 cache[key] = time_train_step(objective, config, stage, steps, batch, args.steps)
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_dev = sum(s.epochs * s.evals_per_epoch for _, _, _, s in stages if s.epochs)
     n_test = 1 + len(cfg.approximations) * (2 if cfg.run_baseline else 1)
     eval_s = mean_fwd * (n_dev * eval_batches["dev"] + n_test * eval_batches["test"])
-    eval_compile = sum(c for c, _ in fwd.values()) * len(stages)
+    eval_compile = sum(c for c, _ in fwd.values()) * len(models)  # one forward per model
     total = total_train + total_compile + eval_s + eval_compile
     print(f"\nevaluation: {n_dev} dev passes + {n_test} test passes, {eval_s:.0f} s "
           f"(+ {eval_compile:.0f} s compiling)")

@@ -38,7 +38,7 @@ from mpcformer_jax.models import BertConfig, load_pretrained, resolve_checkpoint
 from mpcformer_jax.models.calibrate import calibrate
 from mpcformer_jax.models.public_table import mark_public, word_table
 from mpcformer_jax.train import parallel
-from mpcformer_jax.train.config import DistillConfig
+from mpcformer_jax.train.config import DistillConfig, StageConfig
 from mpcformer_jax.train.evaluation import JsonlLog, evaluate
 from mpcformer_jax.train.loop import RunContext, run_stage
 from mpcformer_jax.train.objectives import LayerwiseObjective, PredictionObjective, TaskObjective
@@ -66,6 +66,43 @@ class Plan:
     config: DistillConfig
     model_config: BertConfig
     layer_map: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentPlan:
+    """How one student of a run is trained.
+
+    Attributes:
+      approximation: the student's approximation.
+      start: the run's distilled student it starts from (progressive replacement), or None
+        for the teacher's weights.
+      stage1: its stage 1, or None where it has none (a progressive student trained by
+        stage 2 alone: ``norm_students_from="student_stage2"``, or one that differs from
+        its start only in the pooler, whose layer-wise terms would go on training its start).
+    """
+
+    approximation: Approximation
+    start: Approximation | None
+    stage1: StageConfig | None
+
+
+def student_plans(cfg: DistillConfig) -> list[StudentPlan]:
+    """One StudentPlan per approximation of ``cfg``, in order."""
+    plans, earlier = [], []
+    for spelling in cfg.approximations:
+        approximation = Approximation.parse(spelling)
+        starts = [b for b in progressive_starts(approximation) if b in earlier]
+        start = starts[0] if cfg.norm_students_from != "teacher" and starts else None
+        stage1 = cfg.stage1
+        if start is not None:
+            pooler_only = dataclasses.replace(approximation, pooler=start.pooler) == start
+            if cfg.norm_students_from == "student_stage2" or pooler_only:
+                stage1 = None
+            elif cfg.progressive_stage1_epochs:
+                stage1 = dataclasses.replace(stage1, epochs=cfg.progressive_stage1_epochs)
+        plans.append(StudentPlan(approximation, start, stage1))
+        earlier.append(approximation)
+    return plans
 
 
 def check_config(cfg: DistillConfig) -> Plan:
@@ -277,20 +314,18 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
         data["train"], CALIBRATION_BATCH_SIZE, ctx.buckets, shuffle=True, seed=cfg.seed),
         CALIBRATION_BATCHES))
     distilled = {}  # approximation -> (config, params) of its KD student
-    for spelling in cfg.approximations:
-        approximation = Approximation.parse(spelling)
+    for student in student_plans(cfg):
+        approximation = student.approximation
         choice = approximation.name
         where = out if len(cfg.approximations) == 1 else out / choice
         ckpt = out / "ckpt" / choice
-        starts = [b.name for b in progressive_starts(approximation)
-                  if b.name in distilled]
-        progressive = cfg.norm_students_from != "teacher" and bool(starts)
+        progressive = student.start is not None
         if progressive:
             # Progressive replacement: the network first learned quad and 2quad with its
             # LayerNorms; the replaced sites are now fitted to that student's own LayerNorm
             # outputs (models.calibrate), a replaced normaliser takes over that student's
             # weights, and distillation goes on from there.
-            start_config, base_params = distilled[starts[0]]
+            start_config, base_params = distilled[student.start.name]
             student_config, student_params = calibrate(
                 start_config.with_approximation(approximation),
                 parallel.host_params(base_params), calibration_data, start=start_config)
@@ -298,18 +333,11 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
             start_config = teacher_config
             student_config, student_params = make_student(
                 teacher_config, teacher.params, choice, plan.layer_map, calibration_data)
-        # A student that differs from its start only in the pooler skips stage 1: the
-        # layer-wise terms never see the pooler, so stage 1 would go on training its start.
-        pooler_only = progressive and dataclasses.replace(
-            approximation, pooler=start_config.pooler_act) == start_config.approximation
-        if progressive and (cfg.norm_students_from == "student_stage2" or pooler_only):
+        if student.stage1 is None:
             s2 = annealed(f"{choice} stage2", prediction, cfg.stage2, student_config,
                           student_params, ckpt / "stage2", start_config)
         else:
-            stage1 = cfg.stage1
-            if progressive and cfg.progressive_stage1_epochs:
-                stage1 = dataclasses.replace(stage1, epochs=cfg.progressive_stage1_epochs)
-            s1 = annealed(f"{choice} stage1", layerwise, stage1, student_config,
+            s1 = annealed(f"{choice} stage1", layerwise, student.stage1, student_config,
                           student_params, ckpt / "stage1", start_config)
             s2 = stage(f"{choice} stage2", prediction, cfg.stage2, student_config,
                        s1.params, ckpt / "stage2")

@@ -381,6 +381,23 @@ def test_profile_run_estimates_every_stage_of_a_config(tiny_checkpoint, capsys):
     assert "estimated wall time" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # three students' steps compiled: ~30 s
+def test_profile_run_lays_out_a_progressive_chain_as_the_pipeline_runs_it(tiny_checkpoint):
+    from experiments import profile_run
+
+    out = profile_run.main([
+        "--config", "default:smoke", "--set", f"model={tiny_checkpoint}", "--set", "max_length=32",
+        "--set", "buckets=32", "--steps", "1", "--set", "run_baseline=false",
+        "--set", "approximations=quad+2quad,quad+2quad_len,quad+2quad_len+layernorm+linear",
+        "--set", "norm_students_from=student", "--set", "progressive_stage1_epochs=1",
+        "--set", "stage1.epochs=2", "--set", "stage1.max_steps=0"])
+    # 128 smoke examples in batches of 16: 8 steps an epoch. The 2quad_len link takes one
+    # stage-1 epoch; the pooler-only link has no stage 1.
+    assert [(r["stage"], r["steps"]) for r in out["rows"]] == [
+        ("teacher", 4), ("stage1", 16), ("stage2", 4), ("stage1", 8), ("stage2", 4),
+        ("stage2", 4)]
+
+
 def _calibration_batches(config, n=3, seed=0):
     rng = np.random.default_rng(seed)
     out = []
