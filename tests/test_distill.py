@@ -283,35 +283,29 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
         run_pipeline(dataclasses.replace(cfg, progressive_stage1_epochs=3))
 
 
-@pytest.mark.slow  # two students trained: ~30 s
-def test_a_pooler_only_student_is_stage_two_of_its_start(tmp_path, tiny_checkpoint):
-    cfg = _tiny_run(tmp_path, tiny_checkpoint, ("quad+2quad", "quad+2quad+layernorm+linear"),
-                    2, 32, run_baseline=False, norm_students_from="student")
-    results = run_pipeline(cfg)
-    ckpt = tmp_path / "run" / "ckpt"
-    assert (ckpt / "quad+2quad" / "stage1").exists()
-    assert not (ckpt / "quad+2quad+layernorm+linear" / "stage1").exists()
-    assert (ckpt / "quad+2quad+layernorm+linear" / "stage2").exists()
-    config, _, _ = load_pretrained(results["exports"]["quad+2quad+layernorm+linear"])
-    assert (config.softmax_act, config.norm_act, config.pooler_act) == \
-        ("2quad", "layernorm", "linear")
-
-
-@pytest.mark.slow  # two students trained: ~30 s
-def test_a_progressive_student_takes_its_own_stage_one_epochs(tmp_path, tiny_checkpoint):
-    cfg = _tiny_run(tmp_path, tiny_checkpoint, ("quad+2quad", "quad+2quad_len"), 2, 32,
+@pytest.mark.slow  # three students trained: ~40 s
+def test_progressive_links_take_their_own_stage_one_or_none(tmp_path, tiny_checkpoint):
+    cfg = _tiny_run(tmp_path, tiny_checkpoint,
+                    ("quad+2quad", "quad+2quad_len", "quad+2quad_len+layernorm+linear"), 2, 32,
                     run_baseline=False, norm_students_from="student",
                     progressive_stage1_epochs=1)
-    # 32 examples in batches of 16: 2 steps an epoch; stage 1 runs 3 epochs, the link 1.
+    # 32 examples in batches of 16: 2 steps an epoch; stage 1 runs 3 epochs, a link 1.
     cfg = dataclasses.replace(cfg, stage1=StageConfig(epochs=3, batch_size=16,
                                                       learning_rate=1e-3))
-    run_pipeline(cfg)
+    results = run_pipeline(cfg)
     done = {r["stage"]: r["steps"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
                                                 .read_text().splitlines())
             if r.get("event") == "done"}
     assert done["quad+2quad stage1"] == 6
     assert done["quad+2quad_len stage1"] == 2
     assert done["quad+2quad_len stage2"] == done["quad+2quad stage2"] == 2
+    # A student that differs from its start only in the pooler is stage 2 of that start.
+    ckpt = tmp_path / "run" / "ckpt"
+    assert not (ckpt / "quad+2quad_len+layernorm+linear" / "stage1").exists()
+    assert (ckpt / "quad+2quad_len+layernorm+linear" / "stage2").exists()
+    config, _, _ = load_pretrained(results["exports"]["quad+2quad_len+layernorm+linear"])
+    assert (config.softmax_act, config.norm_act, config.pooler_act) == \
+        ("2quad_len", "layernorm", "linear")
     with pytest.raises(ValueError, match="progressive_stage1_epochs must be >= 0"):
         dataclasses.replace(cfg, progressive_stage1_epochs=-1)
 
