@@ -360,36 +360,27 @@ def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path, tiny_checkpoint)
     assert weights[0] == weights[1]
 
 
-@pytest.mark.slow  # compiles every stage's step at two lengths: ~20 s
-def test_profile_run_estimates_every_stage_of_a_config(tiny_checkpoint, capsys):
-    from experiments import profile_run
-
-    out = profile_run.main(["--config", "default:smoke", "--set", f"model={tiny_checkpoint}",
-                            "--set", "max_length=32", "--set", "buckets=16,32", "--steps", "2"])
-    assert [r["stage"] for r in out["rows"]] == ["teacher", "stage1", "stage2", "baseline"]
-    for row in out["rows"]:
-        assert row["steps"] == 4  # smoke: max_steps=4
-        assert {length for length, _, _ in row["cells"]} <= {16, 32}
-        assert all(n > 0 and s > 0 for _, n, s in row["cells"])
-    assert out["total_s"] == pytest.approx(out["train_s"] + out["compile_s"] + out["eval_s"])
-    assert "estimated wall time" in capsys.readouterr().out
-
-
-@pytest.mark.slow  # three students' steps compiled: ~30 s
-def test_profile_run_lays_out_a_progressive_chain_as_the_pipeline_runs_it(tiny_checkpoint):
+@pytest.mark.slow  # compiles nine stages' steps: ~30 s
+def test_profile_run_lays_out_every_stage_as_the_pipeline_runs_it(tiny_checkpoint, capsys):
     from experiments import profile_run
 
     out = profile_run.main([
         "--config", "default:smoke", "--set", f"model={tiny_checkpoint}", "--set", "max_length=32",
-        "--set", "buckets=32", "--steps", "1", "--set", "run_baseline=false",
+        "--set", "buckets=32", "--steps", "2",
         "--set", "approximations=quad+2quad,quad+2quad_len,quad+2quad_len+layernorm+linear",
         "--set", "norm_students_from=student", "--set", "progressive_stage1_epochs=1",
         "--set", "stage1.epochs=2", "--set", "stage1.max_steps=0"])
-    # 128 smoke examples in batches of 16: 8 steps an epoch. The 2quad_len link takes one
-    # stage-1 epoch; the pooler-only link has no stage 1.
+    # 128 smoke examples in batches of 16: 8 steps an epoch; the other stages stop at 4
+    # (smoke's max_steps). The 2quad_len link takes one stage-1 epoch; the pooler-only link
+    # has no stage 1.
     assert [(r["stage"], r["steps"]) for r in out["rows"]] == [
-        ("teacher", 4), ("stage1", 16), ("stage2", 4), ("stage1", 8), ("stage2", 4),
-        ("stage2", 4)]
+        ("teacher", 4), ("stage1", 16), ("stage2", 4), ("baseline", 4),
+        ("stage1", 8), ("stage2", 4), ("baseline", 4), ("stage2", 4), ("baseline", 4)]
+    for row in out["rows"]:
+        assert [length for length, _, _ in row["cells"]] == [32]
+        assert all(n > 0 and s > 0 for _, n, s in row["cells"])
+    assert out["total_s"] == pytest.approx(out["train_s"] + out["compile_s"] + out["eval_s"])
+    assert "estimated wall time" in capsys.readouterr().out
 
 
 def _calibration_batches(config, n=3, seed=0):
