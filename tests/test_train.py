@@ -220,6 +220,6 @@ def test_one_compiled_predict_per_config():
     ones = jnp.ones((2, 16), jnp.int32)
     batch = {"input_ids": ones, "attention_mask": ones, "token_type_ids": 0 * ones}
     first = predict(params, batch)
-    assert predict._cache_size() == 1
+    compiled = predict._cache_size()  # other tests may have compiled other shapes already
     np.testing.assert_array_equal(make_predict_step(STUDENT)(params, batch), first)
-    assert predict._cache_size() == 1
+    assert predict._cache_size() == compiled
