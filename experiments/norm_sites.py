@@ -81,7 +81,6 @@ def load_run(run_dir: Path, student: str):
 def max_hidden(config, params, data: list[dict]) -> list[float]:
     """The largest |hidden state| of each layer over the batches ``data`` ("inf" or "nan"
     where the forward overflowed)."""
-
     @jax.jit
     def per_layer(p, ids, mask):
         _, inter = forward(config, p, ids, mask, output_intermediates=True)

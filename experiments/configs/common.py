@@ -82,8 +82,8 @@ def link_epochs(cfg: DistillConfig) -> int:
 
     Each link starts from the distilled student before it. The subsampled chains held with
     about 200 (rt, ``default:len_sites``, 99.5%) and 300 (trec, ``:cpu_len_sites``, 99.5%)
-    steps a link; these give 570-760 steps a link on full data, where the first student's
-    recipe would give up to 3,000 (trec) and take 1-3 h a link on 2 cores.
+    steps a link; these give 560-760 steps a link on full data, where the first student's
+    recipe would give up to 3,000 (trec) and take 40-70 min a link on 2 shared cores.
     """
     return max(2, -(-cfg.stage1.epochs // 4))
 

@@ -105,7 +105,7 @@ class DistillConfig:
       progressive_stage1_epochs: stage-1 epochs of a progressive student (one that starts
         from another distilled student of the run, ``norm_students_from``); 0: ``stage1``'s.
         Such a student starts near its target, so the full-data chains give it fewer passes
-        than the first student (``experiments.configs.common.len_sites``).
+        than the first student (``experiments.configs.common.link_epochs``).
       anneal_phases: a student whose normaliser stops dividing each row by its sum
         (2quad_len) after weights trained with row sums (the teacher, a 2quad student)
         gets its first training stage in this many phases, the new normaliser mixed in at
