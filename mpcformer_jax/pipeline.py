@@ -187,11 +187,10 @@ def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     parallel.sync("prepare out_dir")
     current = json.loads(json.dumps(cfg.to_dict()))
-    before = json.loads(saved.read_text()) if saved.exists() else current
     # A field added after the run started is absent from its config.json; at its default it
     # changes nothing, so the run still resumes.
     defaults = json.loads(json.dumps(DistillConfig().to_dict()))
-    before = {**{k: defaults[k] for k in current if k not in before and k in defaults}, **before}
+    before = {**defaults, **json.loads(saved.read_text())} if saved.exists() else current
     if before != current:
         differ = ", ".join(f"{k}: {before.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
                            for k in sorted(set(before) | set(current))
