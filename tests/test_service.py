@@ -482,14 +482,37 @@ def test_one_shot_json_is_pure_and_matches_plaintext(tiny_student, tmp_path):
 
 
 @pytest.mark.slow
-def test_cheetah_service_matches_plaintext(tiny_student, tmp_path):
+def test_cheetah_service_matches_plaintext_after_a_chosen_port_is_taken(tiny_student, tmp_path,
+                                                                       capfd):
+    """Ports 0 are chosen at launch; another process takes one before node1 listens on it.
+    node1 exits with EXIT_PORT_IN_USE at once, the upload stops waiting, and the service
+    starts again on new ports: the caller sees a served model, not a failure minutes later."""
     svc = Service(load_config("cheetah_2pc"), tiny_student, tmp_path / "state", "2x8")
+    taken = svc.cluster.nodes[1].link
+    squatter = socket.create_server(taken)
+    start = time.monotonic()
     try:
         svc.start()
+        assert time.monotonic() - start < 120  # not the cluster's 180 s upload timeout
+        assert svc.cluster.nodes[1].link != taken and svc.requested.needs_ports
+        assert "node node1 found a port chosen for it taken" in capfd.readouterr().err
         with Client(tmp_path / "state") as client:
             _check(client.classify(TEXTS[:2]), tiny_student, TEXTS[:2])
     finally:
+        squatter.close()
         svc.stop()
+
+
+def test_ports_chosen_at_launch_are_free_distinct_and_outside_the_ephemeral_range():
+    from mpcformer_jax.private.launcher import PortInUse, check_port_free, resolve_ports
+
+    cluster = resolve_ports(load_config("aby3_3pc"))
+    ports = [p for n in cluster.nodes for p in (n.link[1], n.io[1])]
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert len(set(ports)) == len(ports) and all(20000 <= p < low for p in ports)
+    with socket.create_server(("127.0.0.1", ports[0])):
+        with pytest.raises(PortInUse, match=f"127.0.0.1:{ports[0]} is already in use"):
+            check_port_free("127.0.0.1", ports[0], "node0 link")
 
 
 @pytest.mark.slow

@@ -10,12 +10,24 @@ import ctypes
 import errno
 import multiprocessing as mp
 import os
+import random
 import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 from mpcformer_jax.private.config import ClusterConfig, Node
+
+# A role that could not listen because its port was taken exits with this code, so a launcher
+# that chose the port (config port 0) knows to choose again rather than give up.
+EXIT_PORT_IN_USE = 4
+# Ports chosen at launch are drawn from here up to the kernel's ephemeral range.
+_PORT_FLOOR = 20000
+
+
+class PortInUse(OSError):
+    """A role's listening port is taken by another process."""
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
@@ -26,25 +38,61 @@ def check_port_free(host: str, port: int, what: str) -> None:
         sock.bind((host, port))
     except OSError as err:
         taken = err.errno == errno.EADDRINUSE
-        raise OSError(f"{what}: port {host}:{port} is "
-                      f"{'already in use' if taken else f'not available ({err.strerror})'}; "
-                      f"stop the process holding it (`ss -ltnp | grep :{port}`) or choose "
-                      "another port in the config (0 = any free port)") from None
+        raise (PortInUse if taken else OSError)(
+            f"{what}: port {host}:{port} is "
+            f"{'already in use' if taken else f'not available ({err.strerror})'}; stop the "
+            f"process holding it (`ss -ltnp | grep :{port}`) or choose another port in the "
+            "config (0 = any free port)") from None
     finally:
         sock.close()
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def _bindable(host: str, port: int) -> bool:
+    try:
+        check_port_free(host, port, "")
+    except OSError:
+        return False
+    return True
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str, avoid: frozenset[int] | set[int] = frozenset()) -> int:
+    """A port of ``host`` that is free now, drawn at random below the kernel's ephemeral range.
+
+    A port from ``bind(("", 0))`` is free only until the socket closes; the kernel hands the
+    same range to every process's ``bind(0)`` and outgoing connection, and two services
+    started at once were given the same ports before their nodes listened on them. A random
+    port below that range is taken by neither; what little race is left, the launcher
+    survives by choosing again (``EXIT_PORT_IN_USE``).
+    """
+    top = _ephemeral_floor()
+    rng = random.SystemRandom()
+    for _ in range(64 if top - _PORT_FLOOR > 1000 else 0):
+        port = rng.randrange(_PORT_FLOOR, top)
+        if port not in avoid and _bindable(host, port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # an odd port range
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
 def resolve_ports(cluster: ClusterConfig) -> ClusterConfig:
-    """Replaces every port 0 with a free port of this machine."""
-    nodes = [Node(n.id, (n.link[0], n.link[1] or free_port(n.link[0])),
-                  (n.io[0], n.io[1] or free_port(n.io[0]))) for n in cluster.nodes]
-    return cluster.with_nodes(nodes)
+    """Replaces every port 0 with a free port of this machine, no two the same."""
+    chosen: set[int] = set()
+
+    def pick(addr: tuple[str, int]) -> tuple[str, int]:
+        if addr[1]:
+            return addr
+        chosen.add(port := free_port(addr[0], chosen))
+        return addr[0], port
+
+    return cluster.with_nodes([Node(n.id, pick(n.link), pick(n.io)) for n in cluster.nodes])
 
 
 def _die_with_parent(parent: int) -> None:
@@ -75,7 +123,7 @@ def _role_entry(role: str, target: str, kwargs: dict, parent: int) -> None:
         fn(**kwargs)
     except Exception as err:
         print(f"spu_run {role}: error: {short_error(err)}", file=sys.stderr, flush=True)
-        code = 2
+        code = EXIT_PORT_IN_USE if isinstance(err, PortInUse) else 2
     # The role has cleaned up after itself. Leave without the interpreter's finalisation:
     # joining gRPC's worker threads and running brpc's and yacl's destructors can block on a
     # peer that is already gone.

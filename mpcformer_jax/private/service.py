@@ -40,6 +40,7 @@ DEFAULT_BUCKETS = "1x16,1x32,8x32,8x64"
 # node that cannot start loops every few seconds); a node lost every few minutes is served on.
 _MAX_RESTARTS = 5
 _RESTART_WINDOW_S = 300.0
+_PORT_ATTEMPTS = 3  # launches with freshly chosen ports, when one chosen at launch was taken
 
 
 class ServiceError(RuntimeError):
@@ -156,6 +157,7 @@ class Service:
         if remote_nodes and cluster.needs_ports:
             raise ConfigError("nodes on other hosts need fixed ports in the config (port 0 "
                               "is chosen at launch, which only works when serve starts them)")
+        self.requested = cluster  # ports 0 as asked, to choose again if one was taken
         self.cluster = cluster if remote_nodes else launcher.resolve_ports(cluster)
         self.model_dir, self.state = str(model_dir), Path(state_dir)
         self.config, self.buckets = preflight(self.cluster, model_dir, buckets,
@@ -206,7 +208,21 @@ class Service:
         # The card carries the config the owner compiled (prepared), so a client recompiles
         # the very program the nodes run (Client.verify).
         export_card(self.model_dir, self.state / "card", self.owner.config)
-        self._upload()
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                self._upload()
+                return
+            except ServiceError:
+                taken = self._port_taken()
+                if taken is None or attempt == _PORT_ATTEMPTS:
+                    raise
+            # A port chosen at launch was taken before the node listened on it (another
+            # process chose it too): choose the ports again, no harm done yet.
+            log(f"node {taken} found a port chosen for it taken; choosing new ports")
+            self._stop_nodes()
+            self.cluster = launcher.resolve_ports(self.requested)
+            self.owner.cluster = self.cluster
+            self._start_nodes()
 
     def _start_nodes(self) -> None:
         # Registered before anything starts, so a failure half-way still cleans up all.
@@ -231,7 +247,7 @@ class Service:
     def _upload(self) -> None:
         t0 = time.perf_counter()
         try:
-            self.upload = self.owner.upload(self.cluster.timeout_s)
+            self.upload = self.owner.upload(self.cluster.timeout_s, gone=self._node_gone)
         except OwnerError as err:
             dead = self._dead_node()
             raise ServiceError(dead or str(err)) from None
@@ -259,6 +275,24 @@ class Service:
         tmp.replace(self.state / ENDPOINT)
 
     # ------------------------------------------------------------------ watch and stop
+
+    def _node_gone(self) -> str | None:
+        """Why a local node will not answer (its process exited), without reaping it."""
+        if self.nodes is None:
+            return None
+        gone = [p.name for p in self.nodes.procs if not p.is_alive()]
+        return f"node {gone[0]} exited before taking its share" if gone else None
+
+    def _port_taken(self) -> str | None:
+        """The local node that exited because a port chosen at launch was taken, if any."""
+        if self.nodes is None or not self.requested.needs_ports:
+            return None
+        for p in self.nodes.procs:
+            if not p.is_alive():
+                p.join()
+                if p.exitcode == launcher.EXIT_PORT_IN_USE:
+                    return p.name
+        return None
 
     def _dead_node(self) -> str | None:
         if self.nodes is None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
+from mpcformer_jax.private.launcher import PortInUse, check_port_free
 from mpcformer_jax.private.tls import Identity, subject_of
 
 SERVICE = "mpcformer.Node"
@@ -169,8 +170,16 @@ def server(address: str, ident: Identity, handlers: dict, max_workers: int,
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}: the port is in use or the address is not "
-                      "this host's; free the port (`ss -ltnp`) or change 'io' in the config")
+        # gRPC does not say why; a bind of our own does.
+        host, _, num = address.rpartition(":")
+        try:
+            check_port_free(host.strip("[]"), int(num), "the io listener")
+        except PortInUse:
+            raise
+        except (OSError, ValueError):
+            pass
+        raise OSError(f"cannot listen on {address}: the address is not this host's or the "
+                      "port is in use; free the port (`ss -ltnp`) or change 'io' in the config")
     srv.start()
     return srv
 

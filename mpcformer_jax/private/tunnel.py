@@ -27,6 +27,7 @@ import logging
 import threading
 from pathlib import Path
 
+from mpcformer_jax.private.launcher import PortInUse
 from mpcformer_jax.private.tls import Identity, client_context, server_context, subject_of
 
 _CHUNK = 1 << 20
@@ -98,7 +99,7 @@ class Tunnels:
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S))
         except OSError as err:
             taken = err.errno == errno.EADDRINUSE
-            raise TunnelError(
+            raise (PortInUse if taken else TunnelError)(
                 f"node {self.ids[self.rank]}: cannot listen for peer nodes on {host}:{port}"
                 f" ({'port already in use' if taken else err}); free it or change 'link' in "
                 "the config") from None

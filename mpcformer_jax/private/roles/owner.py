@@ -13,8 +13,10 @@ import dataclasses
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from mpcformer_jax.private import transport
@@ -24,6 +26,7 @@ from mpcformer_jax.private.program import program_digest
 from mpcformer_jax.private.tls import Identity
 
 _BUCKET = re.compile(r"(\d+)x(\d+)")
+_POLL_S = 0.5  # how often a waiting upload asks whether its nodes are still there
 
 
 class OwnerError(RuntimeError):
@@ -95,10 +98,13 @@ class Owner:
         self.compile_s = time.perf_counter() - start
         self.digests = {k: program_digest(p) for k, p in self.programs.items()}
 
-    def upload(self, timeout_s: float | None = None) -> UploadReport:
+    def upload(self, timeout_s: float | None = None,
+               gone: Callable[[], str | None] | None = None) -> UploadReport:
         """Shares the weights afresh and sends every node its share and the programs.
 
-        Waits up to ``timeout_s`` for nodes that are still starting.
+        Waits up to ``timeout_s`` for nodes that are still starting; ``gone`` (polled while
+        waiting) says why no node will come, e.g. a local node process has exited, and ends
+        the wait at once.
         """
         import spu
 
@@ -125,9 +131,19 @@ class Owner:
             ch = transport.channel(f"{node.io[0]}:{node.io[1]}", node.id, self.ident)
             try:
                 call = transport.stream_unary(ch, "Upload")
-                reply = call(transport.stream_frames(
+                future = call.future(transport.stream_frames(
                     {"fingerprint": self.fingerprint, "programs": programs, "counts": counts},
                     blobs), timeout=timeout, wait_for_ready=True)
+                while True:
+                    try:
+                        reply = future.result(timeout=_POLL_S)
+                        break
+                    except grpc.FutureTimeoutError:
+                        reason = gone() if gone else None
+                        if reason:
+                            future.cancel()
+                            errors.append(reason)
+                            return
                 header, _ = transport.unpack(reply)
                 if header.get("digests") != self.digests:
                     errors.append(f"node {node.id} loaded other programs than were sent")
