@@ -223,3 +223,34 @@ def test_one_compiled_predict_per_config():
     compiled = predict._cache_size()  # other tests may have compiled other shapes already
     np.testing.assert_array_equal(make_predict_step(STUDENT)(params, batch), first)
     assert predict._cache_size() == compiled
+
+
+
+def test_every_shape_is_compiled_before_the_first_step(tmp_path, synthetic_split, monkeypatch,
+                                                       caplog):
+    # A stage compiles its train step at every padded length, and the dev forward, side by
+    # side before training (loop.compile_ahead); the loop's own calls then compile nothing.
+    def compiled(fn: str) -> int:
+        return sum(f"XLA compilation of jit({fn})" in r.getMessage() for r in caplog.records)
+
+    seen = {}
+    compile_ahead = loop.compile_ahead
+
+    def spy(train_step, state, teacher_params, train_batches, rng, predict, dev_batches):
+        compile_ahead(train_step, state, teacher_params, train_batches, rng, predict,
+                      dev_batches)
+        seen.update(lengths=sorted(b["input_ids"].shape[1] for b in train_batches),
+                    dev_lengths=len(dev_batches),
+                    ahead=(compiled("train_step"), compiled("predict")))
+
+    monkeypatch.setattr(loop, "compile_ahead", spy)
+    data = synthetic_split(64, 0), synthetic_split(32, 9)
+    config = TEACHER.replace(intermediate_size=48)  # a config no other test compiled
+    # jax logs every backend compile at DEBUG (log_compiles, a per-thread setting, would
+    # miss those in compile_ahead's threads).
+    with caplog.at_level("DEBUG", logger="jax._src.dispatch"):
+        _run(tmp_path, "teacher", TaskObjective(), config, init_params(config, 0),
+             StageConfig(epochs=1, batch_size=16, learning_rate=1e-3), data)
+    assert seen["lengths"] == list(BUCKETS)
+    assert seen["ahead"] == (len(BUCKETS), seen["dev_lengths"]) and seen["dev_lengths"] >= 1
+    assert (compiled("train_step"), compiled("predict")) == seen["ahead"]
