@@ -21,7 +21,8 @@ common.py for the probes behind this), stage 2 1 epoch (lr 1e-4), baseline 5 epo
 The word-embedding table stays the pretrained one (``public_word_embeddings``), so private
 inference looks tokens up on the client. Expected output: the progress of each stage, then the
 test table, which must equal ``EXPECTED[""]`` below (``--check-expected`` compares them; the
-README quotes the same table). Measured: 1,268-1,356 s alone on 2 cores.
+README quotes the same table). Measured: 1,268-1,356 s alone on 2 cores (session 12, before
+loop.compile_ahead).
 
 Outputs in runs/default/: config.json, metrics.jsonl, results.json, results.md (while
 running: results.partial.json/.md, the models tested so far), ckpt/,
