@@ -42,10 +42,11 @@ def test_served_query_through_a_20ms_link_equals_plaintext(tiny_student):
     assert got["exit_codes"] == {"owner": 0, "node0": 0, "node1": 0, "node2": 0}, got
     (cell,) = got["cells"]
     cal = cell["calibration"][0]
-    # The experiment's target is 1 ms; CI's cores may be busier than a measurement's.
-    assert abs(cal["rtt_ms_median"] - 40.0) <= 2.0, cal
+    # The experiment's target is 1 ms on the median; CI's cores may be busier than a
+    # measurement's, and busy cores only add to a trip: the fastest trip shows the delay.
+    assert abs(cal["rtt_ms_min"] - 40.0) <= 2.0, cal
     assert abs(cal["rate_mbit"] / 100.0 - 1) <= 0.10, cal
-    assert abs(cell["calibration"][1]["rtt_ms_median"] - 40.0) <= 2.0, cell["calibration"]
+    assert abs(cell["calibration"][1]["rtt_ms_min"] - 40.0) <= 2.0, cell["calibration"]
     (q,) = cell["buckets"]["2x8"]
     assert q["max_logit_gap"] < 0.05, q  # against the plaintext forward of the same texts
     # The delay was really on the MPC's path: every round waited at least one delay.
@@ -74,7 +75,7 @@ def test_reshaping_keeps_connections_and_changes_the_delay():
         cal = net.calibrate("a", "b", pings=10)
     assert leftover_namespaces(tag) == []
     assert before < 2.0 and abs(after - 30.0) <= 2.0, (before, after)
-    assert abs(cal["rtt_ms_median"] - 30.0) <= 2.0 and abs(cal["rate_mbit"] / 200 - 1) <= 0.1
+    assert abs(cal["rtt_ms_min"] - 30.0) <= 2.0 and abs(cal["rate_mbit"] / 200 - 1) <= 0.1, cal
 
 
 # Opens one connection to a probe server, then times one round trip per line on stdin.
@@ -91,13 +92,15 @@ for _ in sys.stdin:
 
 
 def _ask(proc) -> str:
-    # the median of a few trips, measured on the one open connection
+    # The fastest of a few trips on the one open connection: the emulated delay is a floor
+    # that no trip beats, and busy cores only ever add to a trip (a median of five read
+    # 32.7 ms for a 30 ms link with a training run beside the suite).
     times = []
     for _ in range(5):
         proc.stdin.write("\n")
         proc.stdin.flush()
         times.append(float(proc.stdout.readline()))
-    return str(sorted(times)[2])
+    return str(min(times))
 
 
 def test_texts_fill_their_bucket():
