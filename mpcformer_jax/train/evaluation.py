@@ -30,6 +30,11 @@ def progress(total: int, desc: str, initial: int = 0) -> tqdm:
                 disable=jax.process_index() != 0)
 
 
+def eval_batches(data: TokenizedSplit, batch_size: int, buckets: Sequence[int] | None = None):
+    """The batches an evaluation of ``data`` runs: every example once, grouped by length."""
+    return batches(data, batch_size, buckets, group_by_length=True)
+
+
 def predict_split(predict: Callable, params, data: TokenizedSplit, batch_size: int,
                   mesh: Mesh, buckets: Sequence[int] | None = None,
                   desc: str = "eval") -> np.ndarray:
@@ -49,7 +54,7 @@ def predict_split(predict: Callable, params, data: TokenizedSplit, batch_size: i
     """
     outputs: np.ndarray | None = None
     bar = progress(num_batches(data, batch_size), desc)
-    for batch in batches(data, batch_size, buckets, group_by_length=True):
+    for batch in eval_batches(data, batch_size, buckets):
         logits = parallel.to_host(predict(params, parallel.shard_batch(
             {k: batch[k] for k in MODEL_KEYS}, mesh)))
         if outputs is None:

@@ -28,7 +28,13 @@ from mpcformer_jax.models import BertConfig
 from mpcformer_jax.train import parallel
 from mpcformer_jax.train.checkpoint import StageCheckpoints
 from mpcformer_jax.train.config import StageConfig
-from mpcformer_jax.train.evaluation import MODEL_KEYS, JsonlLog, evaluate, progress
+from mpcformer_jax.train.evaluation import (
+    MODEL_KEYS,
+    JsonlLog,
+    eval_batches,
+    evaluate,
+    progress,
+)
 from mpcformer_jax.train.objectives import Objective, device_put_teacher
 from mpcformer_jax.train.optim import learning_rate_schedule, make_optimizer
 from mpcformer_jax.train.steps import TrainState, make_predict_step, make_train_step
@@ -182,24 +188,23 @@ def run_stage(name: str, objective: Objective, stage: StageConfig, config: BertC
     # The stage name enters the key so two stages with one seed draw different masks.
     rng = jax.random.fold_in(jax.random.PRNGKey(ctx.seed), zlib.crc32(name.encode()))
 
+    def epoch_batches(epoch: int):
+        return batches(train, stage.batch_size, ctx.buckets, shuffle=True, seed=ctx.seed,
+                       epoch=epoch, group_by_length=True, drop_remainder=True)
+
     if step < total:
         compile_ahead(
             train_step, state, teacher_params,
-            _one_batch_per_length(batches(train, stage.batch_size, ctx.buckets, shuffle=True,
-                                          seed=ctx.seed, epoch=step // steps_per_epoch,
-                                          group_by_length=True, drop_remainder=True),
-                                  TRAIN_KEYS, mesh),
+            _one_batch_per_length(epoch_batches(step // steps_per_epoch), TRAIN_KEYS, mesh),
             rng, predict,
-            _one_batch_per_length(batches(dev, ctx.eval_batch_size, ctx.buckets,
-                                          group_by_length=True), MODEL_KEYS, mesh))
+            _one_batch_per_length(eval_batches(dev, ctx.eval_batch_size, ctx.buckets),
+                                  MODEL_KEYS, mesh))
 
     bar = progress(total, name, initial=step)
     running: dict[str, list[float]] = {}
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
-        stream = batches(train, stage.batch_size, ctx.buckets, shuffle=True, seed=ctx.seed,
-                         epoch=epoch, group_by_length=True, drop_remainder=True)
-        for i, batch in enumerate(stream):
+        for i, batch in enumerate(epoch_batches(epoch)):
             if i < skip:  # resuming mid-epoch: replay the order, skip what was done
                 continue
             batch = parallel.shard_batch({k: batch[k] for k in TRAIN_KEYS}, mesh)
