@@ -28,7 +28,7 @@ from collections import Counter
 import jax
 import numpy as np
 
-from experiments.distill import load_config
+from experiments.distill import load_config, prefer_legacy_cpu_runtime
 from mpcformer_jax.data import batches, load_task, num_batches, tokenize_split
 from mpcformer_jax.models import init_params, load_pretrained
 from mpcformer_jax.pipeline import check_config, student_plans
@@ -38,10 +38,12 @@ from mpcformer_jax.train.objectives import (
     LayerwiseObjective,
     PredictionObjective,
     TaskObjective,
+    batch_targets,
     device_put_teacher,
 )
 from mpcformer_jax.train.optim import learning_rate_schedule, make_optimizer
 from mpcformer_jax.train.steps import TrainState, make_predict_step, make_train_step
+from mpcformer_jax.train.teacher_cache import TeacherCache, estimate_bytes
 
 
 def bucket_counts(data, batch_size: int, buckets) -> Counter:
@@ -52,14 +54,29 @@ def bucket_counts(data, batch_size: int, buckets) -> Counter:
         drop_remainder=True))
 
 
-def _fake_batch(batch_size: int, length: int, num_labels: int, mesh) -> dict:
+def _fake_batch(batch_size: int, length: int, num_labels: int, mesh, objective=None) -> dict:
     rng = np.random.default_rng(0)
-    return parallel.shard_batch({
+    batch = {
         "input_ids": rng.integers(1000, 30000, (batch_size, length)).astype(np.int32),
         "token_type_ids": np.zeros((batch_size, length), np.int32),
         "attention_mask": np.ones((batch_size, length), np.int32),
         "labels": rng.integers(0, num_labels, batch_size).astype(np.int32),
-        "weights": np.ones(batch_size, np.float32)}, mesh)
+        "weights": np.ones(batch_size, np.float32),
+        "index": np.zeros(batch_size, np.int32)}
+    targets = batch_targets(objective, batch) if objective is not None else {}
+    del batch["index"]
+    return parallel.shard_batch({**batch, **targets}, mesh)
+
+
+def _shape_cache(teacher_cfg, attention: bool) -> TeacherCache:
+    """A one-example teacher cache: ``targets`` gives arrays of the real shapes, enough to
+    time a step that reads cached teacher outputs (the values do not change its cost)."""
+    layers, width = teacher_cfg.num_hidden_layers, teacher_cfg.hidden_size
+    return TeacherCache(
+        states=[np.zeros((layers + 1, 1, width), np.float32)],
+        logits=np.zeros((1, teacher_cfg.num_labels), np.float32),
+        attention=[np.zeros((layers, teacher_cfg.num_attention_heads, 1, 1), np.float32)]
+        if attention else None)
 
 
 def time_train_step(objective, config, stage, total: int, batch: dict, steps: int):
@@ -107,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = apply_overrides(load_config(args.config), args.overrides)
     plan = check_config(cfg)
+    prefer_legacy_cpu_runtime()  # time the runtime the distill CLI trains with
     mesh = parallel.make_mesh()
     load0 = os.getloadavg()[0]
     task = load_task(cfg.task, max_examples={"train": cfg.max_train or None,
@@ -124,19 +142,28 @@ def main(argv: list[str] | None = None) -> dict:
     host_s = (time.perf_counter() - t) / n_host
 
     # Each student as the pipeline trains it (pipeline.student_plans): a progressive one
-    # takes its own stage-1 epochs or none. Its config is timed with random weights, so a
+    # takes its own stage-1 epochs or none, an inner link no stage 2 where the config says
+    # so (link_stage2=False). Its config is timed with random weights, so a
     # student that calibrates replaced norms needs no calibration here.
+    # With the teacher's outputs cached (as the pipeline does when they fit), the steps read
+    # them from the batch; building the cache is one teacher forward over the split.
     n_student = len(plan.layer_map)
+    attention = bool(cfg.layerwise_weights[2])
+    cached = bool(cfg.teacher_cache_gib) and estimate_bytes(
+        teacher_cfg, data["train"].lengths, attention) <= cfg.teacher_cache_gib * 2**30
+    shape_cache = _shape_cache(teacher_cfg, attention) if cached else None
     layerwise = LayerwiseObjective(teacher_cfg, teacher_params, plan.layer_map,
-                                   cfg.layerwise_weights)
-    prediction = PredictionObjective(teacher_cfg, teacher_params, cfg.temperature)
+                                   cfg.layerwise_weights, cache=shape_cache)
+    prediction = PredictionObjective(teacher_cfg, teacher_params, cfg.temperature,
+                                     cache=shape_cache)
     stages = [("teacher", TaskObjective(), teacher_cfg, cfg.teacher)]
     for student in student_plans(cfg):
         student_cfg = teacher_cfg.with_approximation(student.approximation).replace(
             num_hidden_layers=n_student)
         if student.stage1 is not None:
             stages.append(("stage1", layerwise, student_cfg, student.stage1))
-        stages.append(("stage2", prediction, student_cfg, cfg.stage2))
+        if student.stage2:
+            stages.append(("stage2", prediction, student_cfg, cfg.stage2))
         if cfg.run_baseline:
             stages.append(("baseline", TaskObjective(), student_cfg, cfg.baseline))
     models = {config for _, _, config, _ in stages}
@@ -165,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         for length, n in sorted(counts.items()):
             key = (name, config, length, stage.batch_size)
             if key not in cache:
-                batch = _fake_batch(stage.batch_size, length, config.num_labels, mesh)
+                batch = _fake_batch(stage.batch_size, length, config.num_labels, mesh,
+                                    objective)
                 cache[key] = time_train_step(objective, config, stage, steps, batch, args.steps)
             c, s = cache[key]
             compile_s += c
@@ -193,11 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     mean_fwd = sum(fwd[k][1] * n for k, n in eval_counts.items()) / sum(eval_counts.values())
     n_dev = sum(s.epochs * s.evals_per_epoch for _, _, _, s in stages if s.epochs)
     n_test = 1 + len(cfg.approximations) * (2 if cfg.run_baseline else 1)
-    eval_s = mean_fwd * (n_dev * eval_batches["dev"] + n_test * eval_batches["test"])
+    n_train = num_batches(data["train"], cfg.eval_batch_size) if cached else 0
+    eval_s = mean_fwd * (n_dev * eval_batches["dev"] + n_test * eval_batches["test"] + n_train)
     eval_compile = sum(c for c, _ in fwd.values()) * len(models)  # one forward per model
     total = total_train + total_compile + eval_s + eval_compile
-    print(f"\nevaluation: {n_dev} dev passes + {n_test} test passes, {eval_s:.0f} s "
-          f"(+ {eval_compile:.0f} s compiling)")
+    print(f"\nevaluation: {n_dev} dev passes + {n_test} test passes"
+          + (" + the teacher cache (one pass over train)" if cached else "")
+          + f", {eval_s:.0f} s (+ {eval_compile:.0f} s compiling)")
     print(f"estimated wall time: {total:.0f} s = {total / 3600:.2f} h (training {total_train:.0f}"
           f" s, compiling {total_compile + eval_compile:.0f} s, evaluating {eval_s:.0f} s); "
           f"{examples / total_train:.1f} training examples/s; load average now "

@@ -43,6 +43,7 @@ from mpcformer_jax.train.evaluation import JsonlLog, evaluate
 from mpcformer_jax.train.loop import RunContext, run_stage
 from mpcformer_jax.train.objectives import LayerwiseObjective, PredictionObjective, TaskObjective
 from mpcformer_jax.train.steps import make_predict_step
+from mpcformer_jax.train.teacher_cache import TeacherCache, estimate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,14 @@ class StudentPlan:
       stage1: its stage 1, or None where it has none (a progressive student trained by
         stage 2 alone: ``norm_students_from="student_stage2"``, or one that differs from
         its start only in the pooler, whose layer-wise terms would go on training its start).
+      stage2: whether it has a stage 2 (not for an inner link of a chain whose config sets
+        ``link_stage2=False``: the next student starts from its stage-1 weights).
     """
 
     approximation: Approximation
     start: Approximation | None
     stage1: StageConfig | None
+    stage2: bool = True
 
 
 def student_plans(cfg: DistillConfig) -> list[StudentPlan]:
@@ -102,6 +106,10 @@ def student_plans(cfg: DistillConfig) -> list[StudentPlan]:
                 stage1 = dataclasses.replace(stage1, epochs=cfg.progressive_stage1_epochs)
         plans.append(StudentPlan(approximation, start, stage1))
         earlier.append(approximation)
+    if not cfg.link_stage2:
+        starts = {p.start for p in plans}
+        plans = [dataclasses.replace(p, stage2=False)
+                 if p.approximation in starts and p.stage1 is not None else p for p in plans]
     return plans
 
 
@@ -306,9 +314,11 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     exports = {}
     record()
 
+    cache = _teacher_cache(cfg, teacher_config, teacher.params, data["train"], ctx, run_log)
     layerwise = LayerwiseObjective(teacher_config, teacher.params, plan.layer_map,
-                                   cfg.layerwise_weights)
-    prediction = PredictionObjective(teacher_config, teacher.params, cfg.temperature)
+                                   cfg.layerwise_weights, cache=cache)
+    prediction = PredictionObjective(teacher_config, teacher.params, cfg.temperature,
+                                     cache=cache)
     calibration_data = list(itertools.islice(batches(
         data["train"], CALIBRATION_BATCH_SIZE, ctx.buckets, shuffle=True, seed=cfg.seed),
         CALIBRATION_BATCHES))
@@ -325,9 +335,12 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
             # outputs (models.calibrate), a replaced normaliser takes over that student's
             # weights, and distillation goes on from there.
             start_config, base_params = distilled[student.start.name]
+            began = time.time()
             student_config, student_params = calibrate(
                 start_config.with_approximation(approximation),
                 parallel.host_params(base_params), calibration_data, start=start_config)
+            run_log.write(event="calibrated", stage=choice,
+                          seconds=round(time.time() - began, 1))
         else:
             start_config = teacher_config
             student_config, student_params = make_student(
@@ -339,9 +352,10 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
             s1 = annealed(f"{choice} stage1", layerwise, student.stage1, student_config,
                           student_params, ckpt / "stage1", start_config)
             s2 = stage(f"{choice} stage2", prediction, cfg.stage2, student_config,
-                       s1.params, ckpt / "stage2")
+                       s1.params, ckpt / "stage2") if student.stage2 else s1
         distilled[choice] = (student_config, s2.params)
-        rows.append({"model": "student (KD)", "approximation": choice, "dev": s2.dev.get("main"),
+        rows.append({"model": "student (KD)" if student.stage2 else "student (stage 1)",
+                     "approximation": choice, "dev": s2.dev.get("main"),
                      "test": test_score(student_config, s2.params, f"{choice} student test")})
         exports[choice] = str(export(where / "student", student_config, s2.params))
         record()
@@ -357,9 +371,47 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
                          "test": test_score(student_config, base.params,
                                             f"{choice} baseline test")})
             record()
+    if len(cfg.approximations) > 1 and parallel.is_primary():
+        _link_student(out, cfg.approximations[-1])
     results = record(final=True)
     run_log.write(event="results", **results)
     return results
+
+
+def _teacher_cache(cfg: DistillConfig, config: BertConfig, params, train, ctx: RunContext,
+                   log: JsonlLog) -> TeacherCache | None:
+    """The teacher's outputs on the training split, when they fit ``cfg.teacher_cache_gib``
+    (else None: each step runs the teacher). Logged as a ``teacher_cache`` event."""
+    if not cfg.teacher_cache_gib:
+        return None
+    attention = bool(cfg.layerwise_weights[2])
+    size = estimate_bytes(config, train.lengths, attention)
+    if size > cfg.teacher_cache_gib * 2**30:
+        log.write(event="teacher_cache", cached=False, gib=round(size / 2**30, 2))
+        return None
+    start = time.time()
+    cache = TeacherCache.build(config, params, train, ctx.eval_batch_size, ctx.mesh,
+                               ctx.buckets, attention=attention)
+    log.write(event="teacher_cache", cached=True, gib=round(size / 2**30, 2),
+              seconds=round(time.time() - start, 1))
+    return cache
+
+
+def _link_student(out: Path, last: str) -> None:
+    """Points ``out/student`` at the last listed student's export, the run's product (a
+    progressive chain's end): the folder to serve, ``spu_run --model out/student``.
+
+    A relative symlink, made beside and renamed into place, so ``out/student`` always names a
+    whole export and ``ls -l`` says which student it is.
+    """
+    link, target = out / "student", Path(Approximation.parse(last).name) / "student"
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(f"{link} is a folder, not the link to the run's last student; "
+                              "move it away or use a fresh out_dir.")
+    tmp = out / f".student.link-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -254,3 +254,51 @@ def test_every_shape_is_compiled_before_the_first_step(tmp_path, synthetic_split
     assert seen["lengths"] == list(BUCKETS)
     assert seen["ahead"] == (len(BUCKETS), seen["dev_lengths"]) and seen["dev_lengths"] >= 1
     assert (compiled("train_step"), compiled("predict")) == seen["ahead"]
+
+
+@pytest.mark.parametrize("attention_weight", [0.0, 0.5])
+def test_cached_teacher_gives_the_losses_of_the_teacher_in_the_step(synthetic_split,
+                                                                      attention_weight):
+    from mpcformer_jax.data import batches
+    from mpcformer_jax.train.teacher_cache import TeacherCache, estimate_bytes
+
+    train = synthetic_split(40, seed=3)
+    teacher, student = init_params(TEACHER, 0), init_params(STUDENT, 1)
+    weights = (1.0, 1.0, attention_weight)
+    cache = TeacherCache.build(TEACHER, teacher, train, 16, parallel.make_mesh(), BUCKETS,
+                               attention=bool(attention_weight))
+    held = sum(x.nbytes for x in cache.states) + cache.logits.nbytes + \
+        sum(x.nbytes for x in cache.attention or [])
+    assert held == estimate_bytes(TEACHER, train.lengths, bool(attention_weight))
+    rng = jax.random.PRNGKey(0)
+    # A filler row (index -1, weight 0) in a short last batch, and both bucket lengths.
+    seen = set()
+    for batch in batches(train, 16, BUCKETS, shuffle=True, seed=1, group_by_length=True):
+        seen.add((batch["input_ids"].shape[1], bool((batch["index"] < 0).any())))
+        plain = {k: batch[k] for k in loop.TRAIN_KEYS}
+        for live, cached in [
+                (LayerwiseObjective(TEACHER, teacher, (0, 1), weights),
+                 LayerwiseObjective(TEACHER, teacher, (0, 1), weights, cache=cache)),
+                (PredictionObjective(TEACHER, teacher, 2.0),
+                 PredictionObjective(TEACHER, teacher, 2.0, cache=cache))]:
+            targets = cache.targets(batch["index"], batch["input_ids"].shape[1])
+            assert np.all(targets["teacher_hidden"][batch["index"] < 0] == 0)
+            want, want_parts = live.loss(STUDENT, student, teacher, plain, rng)
+            got, got_parts = cached.loss(STUDENT, student, None, {**plain, **targets}, rng)
+            np.testing.assert_allclose(got, want, rtol=2e-5)
+            assert set(got_parts) == set(want_parts) - ({"attention"} if not attention_weight
+                                                        else set())
+            for k in got_parts:
+                np.testing.assert_allclose(got_parts[k], want_parts[k], rtol=2e-5)
+    assert {length for length, _ in seen} == set(BUCKETS) and any(f for _, f in seen)
+
+
+def test_a_cache_without_attention_scores_refuses_a_weighted_attention_term(synthetic_split):
+    from mpcformer_jax.train.teacher_cache import TeacherCache
+
+    train = synthetic_split(16, seed=3)
+    teacher = init_params(TEACHER, 0)
+    cache = TeacherCache.build(TEACHER, teacher, train, 16, parallel.make_mesh(), BUCKETS)
+    with pytest.raises(ValueError, match="build it with attention=True"):
+        LayerwiseObjective(TEACHER, teacher, (0, 1), (1.0, 1.0, 1.0), cache=cache).check(STUDENT)
+    LayerwiseObjective(TEACHER, teacher, (0, 1), (1.0, 1.0, 0.0), cache=cache).check(STUDENT)

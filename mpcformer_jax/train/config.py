@@ -106,6 +106,14 @@ class DistillConfig:
         from another distilled student of the run, ``norm_students_from``); 0: ``stage1``'s.
         Such a student starts near its target, so the full-data chains give it fewer passes
         than the first student (``experiments.configs.common.link_epochs``).
+      link_stage2: give stage 2 to a student that a later student of the run starts from
+        (an inner link of a progressive chain). False: such a student hands its stage-1
+        weights on and is tested with them ("student (stage 1)"); only the students at the
+        ends of their chains learn the teacher's predictions. It saves a stage a link.
+      teacher_cache_gib: the host memory the frozen teacher's outputs on the training split
+        may take (``train.teacher_cache``): computed once after the teacher's stage, they
+        replace its forward in every stage-1 and stage-2 step. A split whose cache would be
+        larger runs the teacher in the step, as with 0 (off).
       anneal_phases: a student whose normaliser stops dividing each row by its sum
         (2quad_len) after weights trained with row sums (the teacher, a 2quad student)
         gets its first training stage in this many phases, the new normaliser mixed in at
@@ -144,6 +152,8 @@ class DistillConfig:
     run_baseline: bool = True
     norm_students_from: str = "teacher"
     progressive_stage1_epochs: int = 0
+    link_stage2: bool = True
+    teacher_cache_gib: float = 4.0
     anneal_phases: int = 0
     anneal_learning_rate: float = 0.0
     public_word_embeddings: bool = False
@@ -182,6 +192,8 @@ class DistillConfig:
         if self.progressive_stage1_epochs < 0:
             raise ValueError(f"progressive_stage1_epochs must be >= 0 (0: stage1.epochs), got "
                              f"{self.progressive_stage1_epochs}.")
+        _check_float("teacher_cache_gib", self.teacher_cache_gib, ">= 0 (0: off)",
+                     lambda v: v >= 0)
         if self.anneal_phases < 0:
             raise ValueError(f"anneal_phases must be >= 0 (0: no annealing), got "
                              f"{self.anneal_phases}.")

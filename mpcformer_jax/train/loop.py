@@ -35,7 +35,7 @@ from mpcformer_jax.train.evaluation import (
     evaluate,
     progress,
 )
-from mpcformer_jax.train.objectives import Objective, device_put_teacher
+from mpcformer_jax.train.objectives import Objective, batch_targets, device_put_teacher
 from mpcformer_jax.train.optim import learning_rate_schedule, make_optimizer
 from mpcformer_jax.train.steps import TrainState, make_predict_step, make_train_step
 
@@ -74,11 +74,11 @@ def _eval_points(steps_per_epoch: int, epochs: int, evals_per_epoch: int, total:
     return {p for p in points if p <= total} | {total}
 
 
-def _one_batch_per_length(stream, keys, mesh) -> list[dict]:
+def _one_batch_per_length(stream, pick, mesh) -> list[dict]:
     seen: dict[int, dict] = {}
     for batch in stream:
         seen.setdefault(batch["input_ids"].shape[1], batch)
-    return [parallel.shard_batch({k: b[k] for k in keys}, mesh) for b in seen.values()]
+    return [parallel.shard_batch(pick(b), mesh) for b in seen.values()]
 
 
 def compile_ahead(train_step, state, teacher_params, train_batches: list[dict], rng,
@@ -192,13 +192,16 @@ def run_stage(name: str, objective: Objective, stage: StageConfig, config: BertC
         return batches(train, stage.batch_size, ctx.buckets, shuffle=True, seed=ctx.seed,
                        epoch=epoch, group_by_length=True, drop_remainder=True)
 
+    def train_inputs(batch):  # what the step reads, the teacher's cached outputs included
+        return {**{k: batch[k] for k in TRAIN_KEYS}, **batch_targets(objective, batch)}
+
     if step < total:
         compile_ahead(
             train_step, state, teacher_params,
-            _one_batch_per_length(epoch_batches(step // steps_per_epoch), TRAIN_KEYS, mesh),
+            _one_batch_per_length(epoch_batches(step // steps_per_epoch), train_inputs, mesh),
             rng, predict,
             _one_batch_per_length(eval_batches(dev, ctx.eval_batch_size, ctx.buckets),
-                                  MODEL_KEYS, mesh))
+                                  lambda b: {k: b[k] for k in MODEL_KEYS}, mesh))
 
     bar = progress(total, name, initial=step)
     running: dict[str, list[float]] = {}
@@ -207,7 +210,7 @@ def run_stage(name: str, objective: Objective, stage: StageConfig, config: BertC
         for i, batch in enumerate(epoch_batches(epoch)):
             if i < skip:  # resuming mid-epoch: replay the order, skip what was done
                 continue
-            batch = parallel.shard_batch({k: batch[k] for k in TRAIN_KEYS}, mesh)
+            batch = parallel.shard_batch(train_inputs(batch), mesh)
             state, metrics = train_step(state, teacher_params, batch, rng)
             step += 1
             metrics = {k: float(v) for k, v in metrics.items()}

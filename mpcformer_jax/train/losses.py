@@ -128,16 +128,21 @@ def layerwise_distill_loss(student_inter: dict, teacher_inter: dict, attention_m
 
     Returns:
       ``(loss, parts)``; parts holds the unweighted summed ``embedding``, ``hidden`` and
-      ``attention`` terms for logging.
+      ``attention`` terms for logging (no ``attention`` when ``teacher_inter`` has no scores:
+      a teacher cache of a run whose attention weight is 0).
     """
     token_mask = attention_mask.astype(jnp.float32) * weights[:, None]
     emb = masked_hidden_mse(student_inter["embeddings"], teacher_inter["embeddings"], token_mask)
     hidden = sum(masked_hidden_mse(student_inter["hidden_states"][i],
                                    teacher_inter["hidden_states"][j], token_mask)
                  for i, j in enumerate(layer_map))
-    attention = sum(masked_attention_mse(student_inter["attention_scores"][i],
-                                         teacher_inter["attention_scores"][j], token_mask)
-                    for i, j in enumerate(layer_map))
     w_emb, w_hidden, w_attention = term_weights
-    loss = w_emb * emb + w_hidden * hidden + w_attention * attention
-    return loss, {"embedding": emb, "hidden": hidden, "attention": attention}
+    loss = w_emb * emb + w_hidden * hidden
+    parts = {"embedding": emb, "hidden": hidden}
+    if "attention_scores" in teacher_inter:  # a teacher cache keeps them only when weighed
+        attention = sum(masked_attention_mse(student_inter["attention_scores"][i],
+                                             teacher_inter["attention_scores"][j], token_mask)
+                        for i, j in enumerate(layer_map))
+        loss = loss + w_attention * attention
+        parts["attention"] = attention
+    return loss, parts
