@@ -2,10 +2,10 @@
 
 Runs ``mpcformer_jax.pipeline.run_pipeline`` on a config from ``experiments/configs``:
 fine-tune the teacher, distill each student (stage 1, stage 2), train the no-distillation
-baseline, evaluate all of them on the test split, print the table and export the students.
-With no arguments it runs ``configs/default.py`` (MiniLM-L6 on rt, quad+2quad; 21-23 min
-alone on 2 CPU cores). Running the same command again
-resumes a killed run.
+baseline where the config asks for it, evaluate all of them on the test split, print the
+table and export the students. With no arguments it runs ``configs/default.py`` (MiniLM-L6 on
+rt, distilled to the shipped student quad+2quad_len+affine@4:8; 858 s alone on 2 CPU cores).
+Running the same command again resumes a killed run.
 
 Examples:
   python -m experiments.distill
@@ -118,7 +118,8 @@ LEGACY_CPU_RUNTIME = "--xla_cpu_use_thunk_runtime=false"
 def prefer_legacy_cpu_runtime() -> str:
     """Adds ``LEGACY_CPU_RUNTIME`` to ``XLA_FLAGS`` unless the flag is already set either way
     (``XLA_FLAGS=--xla_cpu_use_thunk_runtime=true`` keeps the thunk runtime). XLA reads the
-    flags when the backend starts, so this must run before the first computation.
+    flags when the backend starts, so this must run before the first computation; the
+    commands call it before ``main``.
 
     Returns:
       The XLA_FLAGS now in effect.
@@ -156,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    prefer_legacy_cpu_runtime()
     try:
         enable_compile_cache(args.compile_cache)
     except (ValueError, OSError) as err:
@@ -195,4 +195,7 @@ def _expected_for(args) -> str:
 
 
 if __name__ == "__main__":
+    # Only as a command: main() called in a running program (a test, a notebook) must not
+    # change the environment that program's later subprocesses inherit.
+    prefer_legacy_cpu_runtime()
     sys.exit(main())

@@ -124,7 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cfg = apply_overrides(load_config(args.config), args.overrides)
     plan = check_config(cfg)
-    prefer_legacy_cpu_runtime()  # time the runtime the distill CLI trains with
     mesh = parallel.make_mesh()
     load0 = os.getloadavg()[0]
     task = load_task(cfg.task, max_examples={"train": cfg.max_train or None,
@@ -237,4 +236,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    prefer_legacy_cpu_runtime()  # time the runtime the distill command trains with
     main()

@@ -661,3 +661,16 @@ def test_compile_cache_is_off_unless_asked_for_and_refuses_a_file(tmp_path, caps
                  "--set", f"out_dir={tmp_path / 'run'}"]) == 2
     assert "is a file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_the_command_prefers_the_legacy_cpu_runtime_but_main_leaves_the_environment(
+        monkeypatch, capsys):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert distill.main(["--print-config"]) == 0  # in-process: what later subprocesses see
+    assert "XLA_FLAGS" not in os.environ
+    assert distill.prefer_legacy_cpu_runtime() == "--xla_cpu_use_thunk_runtime=false"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert distill.prefer_legacy_cpu_runtime() == \
+        "--xla_force_host_platform_device_count=2 --xla_cpu_use_thunk_runtime=false"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")  # the user's choice
+    assert distill.prefer_legacy_cpu_runtime() == "--xla_cpu_use_thunk_runtime=true"
