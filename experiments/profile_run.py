@@ -31,7 +31,7 @@ import numpy as np
 from experiments.distill import load_config, prefer_legacy_cpu_runtime
 from mpcformer_jax.data import batches, load_task, num_batches, tokenize_split
 from mpcformer_jax.models import init_params, load_pretrained
-from mpcformer_jax.pipeline import check_config, student_plans
+from mpcformer_jax.pipeline import check_config, student_plans, teacher_cache_plan
 from mpcformer_jax.train import parallel
 from mpcformer_jax.train.config import apply_overrides
 from mpcformer_jax.train.objectives import (
@@ -43,7 +43,7 @@ from mpcformer_jax.train.objectives import (
 )
 from mpcformer_jax.train.optim import learning_rate_schedule, make_optimizer
 from mpcformer_jax.train.steps import TrainState, make_predict_step, make_train_step
-from mpcformer_jax.train.teacher_cache import TeacherCache, estimate_bytes
+from mpcformer_jax.train.teacher_cache import TeacherCache
 
 
 def bucket_counts(data, batch_size: int, buckets) -> Counter:
@@ -54,17 +54,17 @@ def bucket_counts(data, batch_size: int, buckets) -> Counter:
         drop_remainder=True))
 
 
-def _fake_batch(batch_size: int, length: int, num_labels: int, mesh, objective=None) -> dict:
+def _fake_batch(batch_size: int, length: int, num_labels: int, mesh,
+                objective=None) -> dict:
     rng = np.random.default_rng(0)
     batch = {
         "input_ids": rng.integers(1000, 30000, (batch_size, length)).astype(np.int32),
         "token_type_ids": np.zeros((batch_size, length), np.int32),
         "attention_mask": np.ones((batch_size, length), np.int32),
         "labels": rng.integers(0, num_labels, batch_size).astype(np.int32),
-        "weights": np.ones(batch_size, np.float32),
-        "index": np.zeros(batch_size, np.int32)}
-    targets = batch_targets(objective, batch) if objective is not None else {}
-    del batch["index"]
+        "weights": np.ones(batch_size, np.float32)}
+    # Cached teacher outputs where the objective has a cache (every row example 0's).
+    targets = batch_targets(objective, {**batch, "index": np.zeros(batch_size, np.int32)})
     return parallel.shard_batch({**batch, **targets}, mesh)
 
 
@@ -147,10 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     # With the teacher's outputs cached (as the pipeline does when they fit), the steps read
     # them from the batch; building the cache is one teacher forward over the split.
     n_student = len(plan.layer_map)
-    attention = bool(cfg.layerwise_weights[2])
-    cached = bool(cfg.teacher_cache_gib) and estimate_bytes(
-        teacher_cfg, data["train"].lengths, attention) <= cfg.teacher_cache_gib * 2**30
-    shape_cache = _shape_cache(teacher_cfg, attention) if cached else None
+    cached, _ = teacher_cache_plan(cfg, teacher_cfg, data["train"])
+    shape_cache = _shape_cache(teacher_cfg, bool(cfg.layerwise_weights[2])) if cached else None
     layerwise = LayerwiseObjective(teacher_cfg, teacher_params, plan.layer_map,
                                    cfg.layerwise_weights, cache=shape_cache)
     prediction = PredictionObjective(teacher_cfg, teacher_params, cfg.temperature,

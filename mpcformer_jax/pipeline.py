@@ -378,17 +378,25 @@ def run_pipeline(cfg: DistillConfig | Plan, *, fresh: bool = False) -> dict[str,
     return results
 
 
+def teacher_cache_plan(cfg: DistillConfig, config: BertConfig, train) -> tuple[bool, int]:
+    """``(cached, bytes)``: whether the run caches its teacher's outputs on ``train`` (on, and
+    within ``cfg.teacher_cache_gib``) and how large that cache is. Attention scores are kept
+    only when the stage-1 loss weighs them."""
+    size = estimate_bytes(config, train.lengths, bool(cfg.layerwise_weights[2]))
+    return bool(cfg.teacher_cache_gib) and size <= cfg.teacher_cache_gib * 2**30, size
+
+
 def _teacher_cache(cfg: DistillConfig, config: BertConfig, params, train, ctx: RunContext,
                    log: JsonlLog) -> TeacherCache | None:
-    """The teacher's outputs on the training split, when they fit ``cfg.teacher_cache_gib``
-    (else None: each step runs the teacher). Logged as a ``teacher_cache`` event."""
+    """The teacher's outputs on the training split when ``teacher_cache_plan`` says so (else
+    None: each step runs the teacher). Logged as a ``teacher_cache`` event."""
     if not cfg.teacher_cache_gib:
         return None
-    attention = bool(cfg.layerwise_weights[2])
-    size = estimate_bytes(config, train.lengths, attention)
-    if size > cfg.teacher_cache_gib * 2**30:
+    cached, size = teacher_cache_plan(cfg, config, train)
+    if not cached:
         log.write(event="teacher_cache", cached=False, gib=round(size / 2**30, 2))
         return None
+    attention = bool(cfg.layerwise_weights[2])
     start = time.time()
     cache = TeacherCache.build(config, params, train, ctx.eval_batch_size, ctx.mesh,
                                ctx.buckets, attention=attention)
