@@ -43,7 +43,7 @@ from mpcformer_jax.train.evaluation import JsonlLog, evaluate
 from mpcformer_jax.train.loop import RunContext, run_stage
 from mpcformer_jax.train.objectives import LayerwiseObjective, PredictionObjective, TaskObjective
 from mpcformer_jax.train.steps import make_predict_step
-from mpcformer_jax.train.teacher_cache import TeacherCache, estimate_bytes
+from mpcformer_jax.train.teacher_cache import DeferredTeacherCache, TeacherCache, estimate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,8 @@ def _prepare_out_dir(cfg: DistillConfig, fresh: bool) -> Path:
         raise ValueError(f"{out} holds a run with a different config ({saved}; {differ}). "
                          "Resume it with the same config, pass --fresh to start over, or "
                          "choose another out_dir.")
+    if len(cfg.approximations) > 1:
+        _check_student_link(out)  # refused now, not after the training
     parallel.sync("check out_dir")
     if parallel.is_primary():
         saved.write_text(json.dumps(current, indent=2) + "\n")
@@ -387,9 +389,10 @@ def teacher_cache_plan(cfg: DistillConfig, config: BertConfig, train) -> tuple[b
 
 
 def _teacher_cache(cfg: DistillConfig, config: BertConfig, params, train, ctx: RunContext,
-                   log: JsonlLog) -> TeacherCache | None:
+                   log: JsonlLog) -> DeferredTeacherCache | None:
     """The teacher's outputs on the training split when ``teacher_cache_plan`` says so (else
-    None: each step runs the teacher). Logged as a ``teacher_cache`` event."""
+    None: each step runs the teacher), built when a step first needs them. Logged as a
+    ``teacher_cache`` event."""
     if not cfg.teacher_cache_gib:
         return None
     cached, size = teacher_cache_plan(cfg, config, train)
@@ -397,12 +400,16 @@ def _teacher_cache(cfg: DistillConfig, config: BertConfig, params, train, ctx: R
         log.write(event="teacher_cache", cached=False, gib=round(size / 2**30, 2))
         return None
     attention = bool(cfg.layerwise_weights[2])
-    start = time.time()
-    cache = TeacherCache.build(config, params, train, ctx.eval_batch_size, ctx.mesh,
-                               ctx.buckets, attention=attention)
-    log.write(event="teacher_cache", cached=True, gib=round(size / 2**30, 2),
-              seconds=round(time.time() - start, 1))
-    return cache
+
+    def build() -> TeacherCache:
+        start = time.time()
+        cache = TeacherCache.build(config, params, train, ctx.eval_batch_size, ctx.mesh,
+                                   ctx.buckets, attention=attention)
+        log.write(event="teacher_cache", cached=True, gib=round(size / 2**30, 2),
+                  seconds=round(time.time() - start, 1))
+        return cache
+
+    return DeferredTeacherCache(build, attention)
 
 
 def _link_student(out: Path, last: str) -> None:
@@ -412,14 +419,20 @@ def _link_student(out: Path, last: str) -> None:
     A relative symlink, made beside and renamed into place, so ``out/student`` always names a
     whole export and ``ls -l`` says which student it is.
     """
-    link, target = out / "student", Path(Approximation.parse(last).name) / "student"
-    if link.exists() and not link.is_symlink():
-        raise FileExistsError(f"{link} is a folder, not the link to the run's last student; "
-                              "move it away or use a fresh out_dir.")
+    link, target = _check_student_link(out), Path(Approximation.parse(last).name) / "student"
     tmp = out / f".student.link-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target, target_is_directory=True)
     os.replace(tmp, link)
+
+
+def _check_student_link(out: Path) -> Path:
+    """``out/student``, refused if something other than the run's link is there."""
+    link = out / "student"
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(f"{link} is a folder, not the link to the run's last student; "
+                              "move it away or use a fresh out_dir.")
+    return link
 
 
 def _write_atomic(path: Path, text: str) -> None:

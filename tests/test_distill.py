@@ -254,6 +254,20 @@ def _tiny_run(tmp_path, tiny_checkpoint, approximations, steps: int, examples: i
                          out_dir=str(tmp_path / "run"), **fields)
 
 
+def test_a_folder_where_the_student_link_goes_is_refused_before_any_work(tmp_path,
+                                                                        tiny_checkpoint):
+    # A chain links out/student to its last export at the end; a real folder there (say,
+    # an export copied in by hand) is refused at the start, not after the training.
+    cfg = _tiny_run(tmp_path, tiny_checkpoint, ("quad+2quad", "quad+2quad+affine"), 1, 32)
+    kept = tmp_path / "run" / "student" / "config.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}")
+    with pytest.raises(FileExistsError, match="is a folder, not the link"):
+        run_pipeline(cfg)
+    assert kept.read_text() == "{}"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+
+
 @pytest.mark.slow  # every stage of the pipeline compiled once: ~40 s
 def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     cfg = _tiny_run(tmp_path, tiny_checkpoint,
@@ -291,9 +305,17 @@ def test_pipeline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     assert affine.public_table_sha256 == config.public_table_sha256
     length_normalised, _, _ = load_pretrained(results["exports"]["quad+2quad_len+affine"])
     assert (length_normalised.softmax_act, length_normalised.norm_act) == ("2quad_len", "affine")
-    # A second run with the same config resumes: every stage is already done.
+    # A second run with the same config resumes: every stage is already done, so the
+    # teacher's outputs are not computed again (the cache is built at a stage's first step).
+    def cache_builds():
+        events = [json.loads(line) for line in
+                  (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        return sum(e.get("event") == "teacher_cache" and e.get("cached") for e in events)
+
+    assert cache_builds() == 1
     again = run_pipeline(cfg)
     assert again["rows"] == results["rows"]
+    assert cache_builds() == 1
     with pytest.raises(ValueError, match="different config.*; stage1: .*0.5"):
         run_pipeline(apply_overrides(cfg, ["stage1.learning_rate=0.5"]))
     # A run saved before a field existed resumes while the field keeps its default, and

@@ -94,7 +94,7 @@ class LayerwiseObjective:
     def check(self, student_config: BertConfig) -> None:
         """Raises ValueError unless the layer map gives one teacher layer per student layer,
         or when the attention term is weighed but the cache holds no attention scores."""
-        if self.cache is not None and self.cache.attention is None and self.term_weights[2]:
+        if self.cache is not None and not self.cache.has_attention and self.term_weights[2]:
             raise ValueError("The layer-wise loss weighs the attention scores but the teacher "
                              "cache holds none: build it with attention=True.")
         n_teacher = self.teacher_config.num_hidden_layers
