@@ -111,9 +111,9 @@ class DistillConfig:
         weights on and is tested with them ("student (stage 1)"); only the students at the
         ends of their chains learn the teacher's predictions. It saves a stage a link.
       teacher_cache_gib: the host memory the frozen teacher's outputs on the training split
-        may take (``train.teacher_cache``): computed once after the teacher's stage, they
-        replace its forward in every stage-1 and stage-2 step. A split whose cache would be
-        larger runs the teacher in the step, as with 0 (off).
+        may take (``train.teacher_cache``): computed once, at the first step a student
+        stage takes, they replace its forward in every stage-1 and stage-2 step. A split
+        whose cache would be larger runs the teacher in the step, as with 0 (off).
       anneal_phases: a student whose normaliser stops dividing each row by its sum
         (2quad_len) after weights trained with row sums (the teacher, a 2quad student)
         gets its first training stage in this many phases, the new normaliser mixed in at

@@ -24,7 +24,11 @@ import jax
 
 from mpcformer_jax.models import BertConfig, forward
 from mpcformer_jax.train import losses
-from mpcformer_jax.train.teacher_cache import TeacherCache, intermediates_from_batch
+from mpcformer_jax.train.teacher_cache import (
+    DeferredTeacherCache,
+    TeacherCache,
+    intermediates_from_batch,
+)
 
 
 def _student(config: BertConfig, params, batch, dropout_rng, intermediates: bool):
@@ -85,7 +89,8 @@ class LayerwiseObjective:
     teacher_params: Any = dataclasses.field(compare=False, repr=False)
     layer_map: tuple[int, ...] = ()
     term_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    cache: TeacherCache | None = dataclasses.field(default=None, compare=False, repr=False)
+    cache: TeacherCache | DeferredTeacherCache | None = dataclasses.field(
+        default=None, compare=False, repr=False)
 
     # The stage-1 student has no trained head for its new features, so dev accuracy does not
     # rank its checkpoints; the layer-wise loss is what it minimises: keep the latest.
@@ -127,7 +132,8 @@ class PredictionObjective:
     teacher_config: BertConfig
     teacher_params: Any = dataclasses.field(compare=False, repr=False)
     temperature: float = 1.0
-    cache: TeacherCache | None = dataclasses.field(default=None, compare=False, repr=False)
+    cache: TeacherCache | DeferredTeacherCache | None = dataclasses.field(
+        default=None, compare=False, repr=False)
 
     select_best: ClassVar[bool] = True
 

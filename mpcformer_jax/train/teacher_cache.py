@@ -157,10 +157,6 @@ class DeferredTeacherCache:
     def __init__(self, build: Callable[[], TeacherCache], attention: bool):
         self._build, self.has_attention, self._cache = build, attention, None
 
-    @property
-    def built(self) -> bool:
-        return self._cache is not None
-
     def targets(self, index: np.ndarray, length: int) -> dict[str, np.ndarray]:
         if self._cache is None:
             self._cache = self._build()
