@@ -187,18 +187,19 @@ def test_mixed_norm_runs_deeper_fit_layers_and_extrapolates_exactly():
     from mpcformer_jax.bench.variants import SHAPES, Shape, Variant
 
     base = SHAPES["base-128"]
-    assert base.fit_layers_for(Approximation.parse("quad+2quad+affine@2")) == (1, 2)
-    assert base.fit_layers_for(Approximation.parse("quad+2quad+affine@0:5")) == (3, 4)
+    assert base.fit_layers_for(Approximation.parse("quad+2quad+affine@2")) == (2, 3)
+    assert base.fit_layers_for(Approximation.parse("quad+2quad+affine@0:5")) == (4, 5)
     assert base.fit_layers_for(Approximation.parse("quad+2quad")) == (1, 2)
-    # Layer 1 keeps an exact LayerNorm (site 3): runs at 2 and 3 layers, extrapolated to 4,
-    # give the 4-layer run's messages and bytes (every layer after the second is alike).
-    shape, variant = Shape("tiny-4", 8, 4, small=True), Variant.of("quad+2quad+affine@3")
-    r2, r3, r4 = (measure(variant, shape, "ABY3", n) for n in (2, 3, 4))
-    assert shape.fit_layers_for(variant.approximation) == (2, 3)
-    full = extrapolate(r2, r3, 4)
-    assert full.messages == pytest.approx(r4.messages)
-    assert full.bytes == pytest.approx(r4.bytes, rel=1e-3)
-    assert r3.groups["layernorm"].messages > 0
+    # Layer 1 keeps an exact LayerNorm (site 3): runs at 3 and 4 layers (the last layer of
+    # each, computed for [CLS] alone, an ordinary one), extrapolated to 5, give the 5-layer
+    # run's messages and bytes (every layer after the second is alike).
+    shape, variant = Shape("tiny-5", 8, 5, small=True), Variant.of("quad+2quad+affine@3")
+    r3, r4, r5 = (measure(variant, shape, "ABY3", n) for n in (3, 4, 5))
+    assert shape.fit_layers_for(variant.approximation) == (3, 4)
+    full = extrapolate(r3, r4, 5)
+    assert full.messages == pytest.approx(r5.messages)
+    assert full.bytes == pytest.approx(r5.bytes, rel=1e-3)
+    assert r4.groups["layernorm"].messages > 0
 
 
 @pytest.mark.slow  # a profiled SPU run

@@ -186,3 +186,27 @@ def test_gram_variance_layernorm_gives_the_same_forward(shape):
     np.testing.assert_allclose(a, b, atol=1e-5)
     for x, y in zip(ia["hidden_states"], ib["hidden_states"], strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+@pytest.mark.parametrize("choice, block_diagonal", [
+    ("exact", False), ("quad+2quad", True), ("puma+puma", True),
+    ("quad+2quad_len+affine@1", True)])
+def test_cls_only_last_layer_gives_the_same_logits(choice, block_diagonal):
+    # The last layer computes [CLS] alone: the logits (all the pooler reads) are unchanged,
+    # the earlier layers' intermediates too; the last hidden state is the [CLS] row.
+    config = BertConfig.tiny(num_labels=3).with_approximation(choice).replace(
+        block_diagonal_heads=block_diagonal)
+    params = init_params(config, 1)
+    ids = np.array([[5, 9, 33, 7, 0, 0], [3, 4, 5, 6, 7, 8]])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6])
+    a, ia = forward(config, params, ids, mask, output_intermediates=True)
+    b, ib = forward(config.replace(cls_only_last_layer=True), params, ids, mask,
+                    output_intermediates=True)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    for x, y in zip(ia["hidden_states"][:-1], ib["hidden_states"][:-1], strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert ib["hidden_states"][-1].shape == (2, 1, config.hidden_size)
+    np.testing.assert_allclose(ia["hidden_states"][-1][:, :1], ib["hidden_states"][-1],
+                               atol=1e-5)
+    np.testing.assert_allclose(ia["attention_scores"][-1][:, :, :1], ib["attention_scores"][-1],
+                               atol=1e-5)

@@ -15,6 +15,7 @@ import pytest
 
 from mpcformer_jax.approx import key_weights_for_client
 from mpcformer_jax.models import BertConfig, fold, forward, init_params, save_pretrained
+from mpcformer_jax.models.fold import norm_fold_sites
 from mpcformer_jax.models.public_table import lookup, mark_public, word_table
 from mpcformer_jax.private import run
 from mpcformer_jax.private.model import (
@@ -85,8 +86,10 @@ def test_prepare_for_each_protocol_gives_the_same_forward(protocol, approximatio
         prepared_config, prepared = prepare(config, params, protocol, lowering)
         assert prepared_config.folded
         if lowering is None:
-            assert {k: getattr(prepared_config, k) for k in lowering_for(protocol)} == \
-                lowering_for(protocol)
+            chosen = dict(lowering_for(protocol))
+            assert chosen.pop("fold_norms")
+            assert prepared_config.folded_norm_sites == norm_fold_sites(config)
+            assert {k: getattr(prepared_config, k) for k in chosen} == chosen
         ids, mask = batch.values()
         # A length-normalised model reads mask / n, as its client sends it.
         assert prepared_config.client_key_weights == ("2quad_len" in approximation)
@@ -101,6 +104,54 @@ def test_prepare_for_each_protocol_gives_the_same_forward(protocol, approximatio
     assert prepare(once, params, protocol)[0] == once
     with pytest.raises(ValueError, match="unknown protocol 'SPDZ'.*ABY3"):
         prepare(config, params, "SPDZ")
+
+
+def _random_norms(params, seed):
+    """``params`` with every LayerNorm's scale and bias drawn at random (as training leaves
+    them: init_params gives 1 and 0, under which folding a norm changes no weight)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "LayerNorm" not in name:
+            return leaf
+        if name.endswith("['scale']"):
+            return rng.uniform(0.2, 2.0, leaf.shape).astype(np.float32) * rng.choice([-1, 1], leaf.shape)
+        return rng.normal(0, 0.5, leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, params)
+
+
+@pytest.mark.parametrize("approximation, folded", [
+    # odd sites fold, even ones materialise, the last folds into the pooler:
+    ("quad+2quad+affine", (0, 1, 3, 4)),
+    # site 1 precedes an exact site (which needs the true stream); exact 2 folds its affine:
+    ("quad+2quad_len+affine@2+linear", (0, 2, 3, 4)),
+    ("quad+2quad_len+affine@1:3", (1, 3, 4)),
+    ("quad+2quad", (4,)),  # exact everywhere: only the last one's affine folds (the pooler's)
+])
+def test_norm_folding_keeps_the_function(approximation, folded):
+    config = BertConfig.tiny(num_labels=3).with_approximation(approximation)
+    assert norm_fold_sites(config) == folded
+    params = _random_norms(init_params(config, 3), 4)
+    ids, mask = _batch(config.vocab_size).values()
+    expected = np.asarray(forward(config, params, ids, mask))
+    prepared_config, prepared = prepare(config, params, "ABY3")
+    assert prepared_config.folded_norm_sites == folded
+    sent = key_weights_for_client(np.asarray(mask, np.float32)) \
+        if prepared_config.client_key_weights else mask
+    got = np.asarray(forward(prepared_config, prepared, ids, sent))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # A folded site's parameters are not shared at all; without folding the forward differs
+    # (the weights moved).
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(prepared)[0]}
+    assert sum("LayerNorm" in n and n.endswith("['scale']") for n in names) == 5 - len(folded)
+    unfolded = prepared_config.replace(folded_norm_sites=())
+    with pytest.raises(Exception):
+        np.testing.assert_allclose(np.asarray(forward(unfolded, params, ids, sent)), got,
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="other norm sites folded"):
+        prepare(prepared_config, prepared, "ABY3", {"fold_norms": False})
 
 
 def test_fused_qkv_changes_nothing():

@@ -54,10 +54,13 @@ class Shape:
         """The layer counts run for ``approximation``: ``fit_layers``, moved deeper when a
         mixed norm (``approx.split_norm``) keeps exact LayerNorm in a later layer, so that
         both runs hold every exact site and differ by one layer like all the others (the
-        line through them is then exact again)."""
+        line through them is then exact again). The last layer of each run must be an
+        ordinary one too: a prepared model computes it for [CLS] alone
+        (``cls_only_last_layer``), so an exact site there would cost less than in the full
+        model."""
         _, exact_sites = split_norm(approximation.norm)
         last_layer = max(((s - 1) // 2 for s in exact_sites if s > 0), default=-1)
-        first = max(self.fit_layers[0], last_layer + 1)
+        first = max(self.fit_layers[0], last_layer + 2)
         return self.fit_layers if first == self.fit_layers[0] else (first, first + 1)
 
     def config(self, layers: int) -> BertConfig:

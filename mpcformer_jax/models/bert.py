@@ -76,14 +76,17 @@ class GramLayerNorm(nn.Module):
     """
 
     epsilon: float = 1e-12
+    affine: bool = True  # False: the scale and bias are in the weights (``fold_norms``)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        centred = x - jnp.mean(x, -1, keepdims=True)
+        normalised = centred * jax.lax.rsqrt(_token_variances(centred) + self.epsilon)
+        if not self.affine:
+            return normalised
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        centred = x - jnp.mean(x, -1, keepdims=True)
-        inv = jax.lax.rsqrt(_token_variances(centred) + self.epsilon)
-        return centred * inv * scale + bias
+        return normalised * scale + bias
 
 
 def _residual_norm(config: BertConfig, site: int, name: str = "LayerNorm") -> nn.Module:
@@ -93,10 +96,14 @@ def _residual_norm(config: BertConfig, site: int, name: str = "LayerNorm") -> nn
     module (bit-identical to the checkpoints' training); every replacement is a
     ``NormApprox`` with the same parameters.
     """
+    folded = site in config.folded_norm_sites  # its affine map is in the weights
     if config.norm_at(site) == "layernorm":
         if config.gram_variance:
-            return GramLayerNorm(epsilon=config.layer_norm_eps, name=name)
-        return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
+            return GramLayerNorm(epsilon=config.layer_norm_eps, affine=not folded, name=name)
+        return nn.LayerNorm(epsilon=config.layer_norm_eps, use_scale=not folded,
+                            use_bias=not folded, name=name)
+    if folded:
+        return lambda x: x
     return NormApprox(config, site, name=name)
 
 
@@ -194,8 +201,13 @@ def _context_block_diagonal(weights: Array, values: Array) -> Array:
 
 
 class BertSelfAttention(nn.Module):
+    """Multi-head self-attention; with ``first_query_only`` only the first token's row is
+    attended (every key and value is still read): what the last layer of a classifier
+    needs, since only [CLS] reaches the pooler (``BertLayerStack``)."""
+
     config: BertConfig
     layer: int = 0
+    first_query_only: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool,
@@ -205,7 +217,7 @@ class BertSelfAttention(nn.Module):
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
 
         def split(t):
-            return t.reshape(batch, seq_len, heads, head_dim)
+            return t.reshape(batch, t.shape[1], heads, head_dim)
 
         # Q, K and V as one (H x 3H) product: under MPC one matmul and one truncation where
         # three would run one after another (two rounds fewer per layer). The parameters stay
@@ -226,6 +238,8 @@ class BertSelfAttention(nn.Module):
         # The 1/sqrt(head_dim) scale goes on q (L x d per head) rather than on the scores
         # (L x L): the same product, half the fixed-point truncations under MPC at L = 128.
         # A model folded for MPC (``models.fold``) has it in the query weights already.
+        if self.first_query_only:
+            q = q[:, :1]
         q = split(q) if cfg.folded else split(q) * (1.0 / math.sqrt(head_dim))
         k, v = split(k), split(v)
         if cfg.block_diagonal_heads:
@@ -256,7 +270,7 @@ class BertSelfAttention(nn.Module):
             if reciprocal is not None:
                 context = approx._normalise(context, reciprocal=reciprocal)
             context = context.transpose(0, 2, 1, 3)
-        context = context.reshape(batch, seq_len, cfg.hidden_size)
+        context = context.reshape(batch, -1, cfg.hidden_size)
         return context, scores
 
 
@@ -277,14 +291,16 @@ class BertResidualOutput(nn.Module):
 class BertAttention(nn.Module):
     config: BertConfig
     layer: int = 0
+    first_query_only: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool,
                  key_weights: Array | None = None):
-        context, scores = BertSelfAttention(self.config, self.layer, name="self")(
-            x, mask, deterministic, key_weights)
+        context, scores = BertSelfAttention(self.config, self.layer, self.first_query_only,
+                                            name="self")(x, mask, deterministic, key_weights)
+        residual = x[:, :1] if self.first_query_only else x
         out = BertResidualOutput(self.config, 1 + 2 * self.layer, name="output")(
-            context, x, deterministic)
+            context, residual, deterministic)
         return out, scores
 
 
@@ -303,12 +319,13 @@ class BertIntermediate(nn.Module):
 class BertLayer(nn.Module):
     config: BertConfig
     layer: int = 0
+    first_query_only: bool = False
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool,
                  key_weights: Array | None = None):
-        attended, scores = BertAttention(self.config, self.layer, name="attention")(
-            x, mask, deterministic, key_weights)
+        attended, scores = BertAttention(self.config, self.layer, self.first_query_only,
+                                         name="attention")(x, mask, deterministic, key_weights)
         hidden = BertIntermediate(self.config, name="intermediate")(attended)
         out = BertResidualOutput(self.config, 2 + 2 * self.layer, name="output")(
             hidden, attended, deterministic)
@@ -330,9 +347,14 @@ class BertLayerStack(nn.Module):
             # Once per query, shared by every layer: the normaliser's only reciprocal.
             key_weights = approx.query_key_weights(mask.astype(x.dtype),
                                                    folded=self.config.folded)
+        last = self.config.num_hidden_layers - 1
         for i in range(self.config.num_hidden_layers):
-            x, s = BertLayer(self.config, i, name=str(i))(x, mask, deterministic,
-                                                          key_weights)
+            # Only [CLS] reaches the pooler: with ``cls_only_last_layer`` the last layer
+            # computes its row alone (keys and values still read every token). Its hidden
+            # state is then (B, 1, H).
+            first_only = self.config.cls_only_last_layer and i == last
+            x, s = BertLayer(self.config, i, first_only, name=str(i))(x, mask, deterministic,
+                                                                      key_weights)
             hidden_states.append(x)
             scores.append(s)
         return x, tuple(hidden_states), tuple(scores)

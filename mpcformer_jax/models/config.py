@@ -54,6 +54,14 @@ class BertConfig:
       gram_variance: exact LayerNorms read their token variances off one Gram product
         (``bert.GramLayerNorm``: the same function; L x L values reshared under MPC instead
         of L x H). Set by ``private.model.prepare``, never for training.
+      cls_only_last_layer: the last layer computes the [CLS] row alone (its attention
+        reads every key and value; its output projection, FFN and norms run on one row):
+        the only row the pooler reads, so the logits are the same. The last hidden state
+        is then (B, 1, H). Set by ``private.model.prepare``, never for training.
+      folded_norm_sites: normalisation sites whose per-channel affine map lives in the
+        weights (``models.fold.fold_norms``, sites chosen by ``norm_fold_sites`` from the
+        architecture alone): an affine site there is skipped, an exact LayerNorm there
+        normalises without its scale and bias. Set by ``private.model.prepare``.
       beaver_cache_weights: mark the weight matrices for SPU's Beaver cache (SEMI2K): a
         node opens each weight's mask once in its life and replays it in every later
         query, instead of once per query. Compilation only; set by ``prepare``.
@@ -101,6 +109,8 @@ class BertConfig:
     folded: bool = False
     block_diagonal_heads: bool = False
     gram_variance: bool = False
+    cls_only_last_layer: bool = False
+    folded_norm_sites: tuple[int, ...] = ()
     beaver_cache_weights: bool = False
     stored_qkv: bool = False
     client_key_weights: bool = False

@@ -17,6 +17,7 @@ import numpy as np
 
 from mpcformer_jax.approx import PER_QUERY_KEY_WEIGHTS, key_weights_for_client
 from mpcformer_jax.models import BertConfig, fold, forward
+from mpcformer_jax.models.fold import fold_norms, norm_fold_sites
 from mpcformer_jax.models.public_table import (
     check_public_table,
     load_checked_table,
@@ -38,10 +39,18 @@ from mpcformer_jax.private.compile import compile_cached
 #   stored_qkv. Measured per protocol: block-diagonal products and the Gram variance cost
 #   fewer rounds on SEMI2K too (per-head products send fewer bytes there but pay 44 rounds
 #   a BERT-base layer, a loss past ~31 ms one way at 100 Mbit/s), so those stay on.
+# * cls_only_last_layer (every protocol): the last layer computes the [CLS] row alone, the
+#   only row the classifier reads; its attention still reads every key and value. The same
+#   logits, about 7% fewer bytes and multiply-adds at BERT-base seq 128 (README).
+# * fold_norms (every protocol): affine norm sites, and exact LayerNorms' scale and bias,
+#   moved into the Dense layers that read and write the residual stream where a public rule
+#   of the architecture allows (``models.fold.fold_norms``): a folded site costs nothing.
+_EVERY_PROTOCOL = {"block_diagonal_heads": True, "gram_variance": True,
+                   "cls_only_last_layer": True, "fold_norms": True}
 LOWERING: dict[str, dict[str, bool]] = {
-    "ABY3": {"block_diagonal_heads": True, "gram_variance": True},
-    "SEMI2K": {"block_diagonal_heads": True, "gram_variance": True, "beaver_cache_weights": True},
-    "CHEETAH": {"block_diagonal_heads": True, "gram_variance": True},
+    "ABY3": dict(_EVERY_PROTOCOL),
+    "SEMI2K": {**_EVERY_PROTOCOL, "beaver_cache_weights": True},
+    "CHEETAH": dict(_EVERY_PROTOCOL),
 }
 
 
@@ -67,9 +76,15 @@ def prepare(config: BertConfig, params, protocol: str = "ABY3",
     keeps its lowering unless ``lowering`` is given.
     """
     already_prepared = config.folded
+    folded_sites = config.folded_norm_sites
     config, params = fold(config, params)  # a no-op on a folded model
     if not already_prepared or lowering:
         config = prepared_config(config, protocol, lowering)
+    if config.folded_norm_sites != folded_sites:
+        if folded_sites:
+            raise ValueError("these weights were prepared with other norm sites folded "
+                             f"({folded_sites}): prepare the model as exported instead")
+        params = fold_norms(config, params)
     if config.stored_qkv and not _has_stored_qkv(params):
         params = store_fused_qkv(params)
     if config.public_table_source and "word_embeddings" in params["bert"]["embeddings"]:
@@ -89,8 +104,11 @@ def prepared_config(config: BertConfig, protocol: str = "ABY3",
     # own lengths): no reciprocal under MPC (``encode_client_inputs``). ``lowering`` may
     # turn it off, to measure the reciprocal paid by the nodes instead.
     client_weights = {"client_key_weights": config.softmax_act in PER_QUERY_KEY_WEIGHTS}
-    config = config.replace(folded=True, **{**client_weights, **lowering_for(protocol),
-                                            **(lowering or {})})
+    chosen = {**client_weights, **lowering_for(protocol), **(lowering or {})}
+    if "fold_norms" in chosen:  # a choice of prepare, recorded as the sites it folds
+        config = config.replace(folded_norm_sites=norm_fold_sites(config)
+                                if chosen.pop("fold_norms") else ())
+    config = config.replace(folded=True, **chosen)
     return config.replace(stored_qkv=config.stored_qkv or config.beaver_cache_weights)
 
 
