@@ -61,33 +61,43 @@ class LinearSite:
 
 def linear_sites(config, rows: int, length: int) -> list[LinearSite]:
     """The prepared model's matmuls per query: QKV, attention scores, attention x values,
-    attention output, FFN in and out (per layer), pooler and classifier."""
+    attention output, FFN in and out (per layer; with ``cls_only_last_layer`` the last
+    layer's as separate one-row sites, its QKV still on every token), pooler, classifier."""
     tokens, hidden, heads = rows * length, config.hidden_size, config.num_attention_heads
     layers, head, inner = config.num_hidden_layers, hidden // heads, config.intermediate_size
+    last_alone = bool(getattr(config, "cls_only_last_layer", False))
+    full = layers - 1 if last_alone else layers  # layers computing every row
 
     def dense(name, m, k, n, runs):
         return LinearSite(name, m, k, n, runs, m * k * n * runs)
 
+    def attention(suffix, q_len, n_layers):
+        needed = q_len * length * hidden * rows * n_layers  # each product, all heads
+        if config.block_diagonal_heads:  # one (Q x H) @ (H x heads L) product per row, layer
+            return [LinearSite("attention scores" + suffix, q_len, hidden, heads * length,
+                               rows * n_layers, needed),
+                    LinearSite("attention x values" + suffix, q_len, heads * length, hidden,
+                               rows * n_layers, needed)]
+        # one (Q x d) @ (d x L) product per row, head and layer
+        return [LinearSite("attention scores" + suffix, q_len, head, length,
+                           rows * heads * n_layers, needed),
+                LinearSite("attention x values" + suffix, q_len, length, head,
+                           rows * heads * n_layers, needed)]
+
     qkv = ([dense("qkv", tokens, hidden, 3 * hidden, layers)] if config.fuse_qkv else
            [dense(n, tokens, hidden, hidden, layers) for n in ("query", "key", "value")])
-    needed = length * length * hidden * rows * layers  # each attention product, all heads
-    if config.block_diagonal_heads:  # one (L x H) @ (H x heads L) product per row and layer
-        attention = [LinearSite("attention scores", length, hidden, heads * length,
-                                rows * layers, needed),
-                     LinearSite("attention x values", length, heads * length, hidden,
-                                rows * layers, needed)]
-    else:  # one (L x d) @ (d x L) product per row, head and layer
-        attention = [LinearSite("attention scores", length, head, length,
-                                rows * heads * layers, needed),
-                     LinearSite("attention x values", length, length, head,
-                                rows * heads * layers, needed)]
-    return qkv + attention + [
-        dense("attention output", tokens, hidden, hidden, layers),
-        dense("ffn in", tokens, hidden, inner, layers),
-        dense("ffn out", tokens, inner, hidden, layers),
-        dense("pooler", rows, hidden, hidden, 1),
-        dense("classifier", rows, hidden, config.num_labels, 1),
-    ]
+    sites = qkv + attention("", length, full) + [
+        dense("attention output", tokens, hidden, hidden, full),
+        dense("ffn in", tokens, hidden, inner, full),
+        dense("ffn out", tokens, inner, hidden, full)]
+    if last_alone:
+        suffix = " (last layer, [CLS])"
+        sites += attention(suffix, 1, 1) + [
+            dense("attention output" + suffix, rows, hidden, hidden, 1),
+            dense("ffn in" + suffix, rows, hidden, inner, 1),
+            dense("ffn out" + suffix, rows, inner, hidden, 1)]
+    return sites + [dense("pooler", rows, hidden, hidden, 1),
+                    dense("classifier", rows, hidden, config.num_labels, 1)]
 
 
 def spu_matmul_seconds(m: int, k: int, n: int, cluster, repeat: int = 2) -> float:

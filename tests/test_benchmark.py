@@ -211,16 +211,25 @@ def test_compute_accounting_of_a_served_query(tiny_student, tmp_path, capsys):
     config, _, _ = load_pretrained(tiny_student)
     prepared = prepared_config(config, "ABY3")
     assert prepared.block_diagonal_heads
+    assert prepared.cls_only_last_layer
+    h, heads, layers = config.hidden_size, config.num_attention_heads, 3
+    prepared = prepared.replace(num_hidden_layers=layers)
     sites = {s.name: s for s in ca.linear_sites(prepared, 2, 8)}
-    h, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
     assert (sites["qkv"].m, sites["qkv"].k, sites["qkv"].n) == (16, h, 3 * h)
-    assert sites["ffn in"].macs_needed == 16 * h * config.intermediate_size * layers
+    assert sites["qkv"].runs == layers  # K and V of every token in the last layer too
+    # every row in the first layers, [CLS] alone (one row per sequence) in the last one
+    last = " (last layer, [CLS])"
+    assert sites["ffn in"].macs_needed == 16 * h * prepared.intermediate_size * (layers - 1)
+    assert sites["ffn in" + last].macs_needed == 2 * h * prepared.intermediate_size
     scores = sites["attention scores"]  # block-diagonal: heads x the products it needs
-    assert (scores.m, scores.k, scores.n, scores.runs) == (8, h, heads * 8, 2 * layers)
+    assert (scores.m, scores.k, scores.n, scores.runs) == (8, h, heads * 8, 2 * (layers - 1))
     assert scores.macs_executed == heads * scores.macs_needed
+    assert (sites["attention scores" + last].m, sites["attention scores" + last].runs) == (1, 2)
     per_head = {s.name: s for s in ca.linear_sites(
         prepared.replace(block_diagonal_heads=False), 2, 8)}["attention scores"]
     assert per_head.macs_executed == per_head.macs_needed == scores.macs_needed
+    every_row = {s.name for s in ca.linear_sites(prepared.replace(cls_only_last_layer=False), 2, 8)}
+    assert not any(last in name for name in every_row)
 
     assert ca.main([str(tiny_student), "--bucket", "1x8", "--json",
                     "--out", str(tmp_path / "acc")]) == 0

@@ -13,6 +13,9 @@ secret-shared, costs nothing. ``fold`` moves two such constants into the weights
 
 The folded model computes the same function (tested); its config says ``folded=True`` so the
 forward skips what the weights now hold. Only the owner folds, for private inference.
+
+``fold_norms`` (below) goes further for affine norm sites: their per-channel scale and shift,
+weights themselves, move into the Dense layers around the residual stream.
 """
 
 from __future__ import annotations
@@ -162,8 +165,9 @@ def fold_norms(config: BertConfig, params: dict[str, Any]) -> dict[str, Any]:
         norm = {k: np.asarray(v, np.float64) for k, v in holder["LayerNorm"].items()}
         g, b = norm["scale"], norm["bias"]
         if config.norm_at(site) == "layernorm":
-            if not (np.all(scale == 1) and np.all(shift == 0)):
-                raise AssertionError(f"site {site}: exact LayerNorm reached in a folded basis")
+            if not (np.all(scale == 1) and np.all(shift == 0)):  # norm_fold_sites prevents it
+                raise RuntimeError(f"site {site}: exact LayerNorm reached in a folded basis "
+                                   f"(folded sites {sorted(sites)} break the rule)")
             if site in sites:
                 scale, shift = g, b
                 del holder["LayerNorm"]
