@@ -24,9 +24,12 @@ A node's thread count moves by a few from moment to moment without any leak: SPU
 matrix product starts a thread per product, and that thread's OpenMP team (Eigen's GEMM)
 stays parked for a while after it ends (seen with gdb: 2-3 threads parked in libgomp per
 node when idle, some created by the last execution). So threads and descriptors are sampled
-``early_samples`` times, every ``early_every`` answers from query 50 on, and the early figure
-is the largest of them: a leak is a count that rises above what the node already reached
-then. Writes ``<out>.json`` and ``<out>.md``; the summary on stdout.
+``early_samples`` times, every ``early_every`` answers from query 50 on, and as many times
+over the last answers (the end's own sample included). The early figure is the largest of the
+early samples, the late figure the smallest of the late ones: a leak is a count that stays
+above what the node already reached early, at every late sample. One late sample above the
+early peak is a parked team, not a leak (seen once in CI: 67 -> 68 with the end compared
+alone). Writes ``<out>.json`` and ``<out>.md``; the summary on stdout.
 """
 
 from __future__ import annotations
@@ -166,11 +169,16 @@ def soak(state: str, requests: list[Request], clients: int, kill_every_s: float 
                         since = answered[0] - sample_after
                         sample = (since >= 0 and since % early_every == 0
                                   and since // early_every < early_samples)
-                    if sample:
+                        left = len(requests) - answered[0]  # the end samples left == 0
+                        late = (0 < left < early_samples * early_every
+                                and left % early_every == 0 and not sample)
+                    if sample or late:
                         figures = _node_figures(client)
                         with lock:
-                            samples.setdefault("early", figures)  # RSS: the first one
-                            samples.setdefault("early_window", []).append(figures)
+                            if sample:
+                                samples.setdefault("early", figures)  # RSS: the first one
+                            samples.setdefault("early_window" if sample else "late_window",
+                                               []).append(figures)
                     break
                 if disconnect:  # the closed client is of no further use
                     client = Client(state, retries=0, timeout_s=3600)
@@ -249,11 +257,17 @@ def _account(requests: list[Request], kills, samples, status, wall, fatal) -> di
     if "early" in samples and samples["end"]:
         a, b = samples["early"]["nodes"], samples["end"]["nodes"]
         window = [w["nodes"] for w in samples.get("early_window") or [samples["early"]]]
+        late = [w["nodes"] for w in samples.get("late_window", [])] + [b]
 
         def most(n, key):  # the largest early count of a node, over the samples that have it
             seen = [w[n][key] for w in window if n in w and w[n].get(key) is not None
                     and w[n]["pid"] == a[n]["pid"]]
             return max(seen) if seen else None
+
+        def least_late(n, key):  # the smallest late count, same process as the end's
+            seen = [w[n][key] for w in late if n in w and w[n].get(key) is not None
+                    and w[n]["pid"] == b[n]["pid"]]
+            return min(seen) if seen else None
 
         # The settled RSS (right after an execution, freed memory returned to the OS) is the
         # one that shows a leak; RSS at the sampling moment also holds a running execution's
@@ -261,9 +275,10 @@ def _account(requests: list[Request], kills, samples, status, wall, fatal) -> di
         memory = {n: {"pid_same": a[n]["pid"] == b[n]["pid"],
                       "rss_growth": _growth(a[n], b[n], "rss_settled_bytes"),
                       "rss_now_growth": _growth(a[n], b[n], "rss_bytes"),
-                      "threads": [most(n, "threads"), b[n]["threads"]],
-                      "fds": [most(n, "fds"), b[n]["fds"]],
-                      "threads_early_samples": [w[n]["threads"] for w in window if n in w]}
+                      "threads": [most(n, "threads"), least_late(n, "threads")],
+                      "fds": [most(n, "fds"), least_late(n, "fds")],
+                      "threads_early_samples": [w[n]["threads"] for w in window if n in w],
+                      "threads_late_samples": [w[n]["threads"] for w in late if n in w]}
                   for n in a if n in b}
     return {"requests": len(requests), "texts": texts, "answered": len(requests) - len(lost),
             "lost": len(lost), "duplicated": duplicated, "misdelivered": len(misdelivered),
@@ -300,7 +315,8 @@ def render(doc: dict) -> str:
     if r["memory"]:
         pct = lambda x: "-" if x is None else f"{x:+.2%}"  # noqa: E731
         lines += ["", "| node | same process | settled RSS growth, query 50 to the end | "
-                  "RSS at the sampling moment | threads (most after query 50 -> end) | fds |",
+                  "RSS at the sampling moment | threads (most of queries 50-100 -> fewest of the "
+                  "last 50) | fds (the same) |",
                   "|---|---|---:|---:|---|---|"]
         for n, m in r["memory"].items():
             lines.append(f"| {n} | {m['pid_same']} | {pct(m['rss_growth'])} | "
