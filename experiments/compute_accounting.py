@@ -65,7 +65,7 @@ def linear_sites(config, rows: int, length: int) -> list[LinearSite]:
     layer's as separate one-row sites, its QKV still on every token), pooler, classifier."""
     tokens, hidden, heads = rows * length, config.hidden_size, config.num_attention_heads
     layers, head, inner = config.num_hidden_layers, hidden // heads, config.intermediate_size
-    last_alone = bool(getattr(config, "cls_only_last_layer", False))
+    last_alone = config.cls_only_last_layer
     full = layers - 1 if last_alone else layers  # layers computing every row
 
     def dense(name, m, k, n, runs):

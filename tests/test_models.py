@@ -145,16 +145,21 @@ def test_config_validation():
     assert config.with_approximation("quad+2quad").softmax_act == "2quad"
 
 
+def _forward_pair(config, **changes):
+    """The forward of ``config`` and of ``config.replace(**changes)`` on one padded batch, the
+    same parameters: ``(logits, intermediates)`` each."""
+    params = init_params(config, 1)
+    ids = np.array([[5, 9, 33, 7, 0, 0], [3, 4, 5, 6, 7, 8]])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6])
+    return tuple(forward(c, params, ids, mask, output_intermediates=True)
+                 for c in (config, config.replace(**changes)))
+
+
 @pytest.mark.parametrize("choice", ["exact", "quad+2quad", "quad+2quad_newton+affine",
                                     "quad+2quad_len+affine"])
 def test_block_diagonal_heads_give_the_same_forward(choice):
     config = BertConfig.tiny(num_labels=3).with_approximation(choice)
-    params = init_params(config, 1)
-    ids = np.array([[5, 9, 33, 7, 0, 0], [3, 4, 5, 6, 7, 8]])
-    mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6])
-    a, ia = forward(config, params, ids, mask, output_intermediates=True)
-    b, ib = forward(config.replace(block_diagonal_heads=True), params, ids, mask,
-                    output_intermediates=True)
+    (a, ia), (b, ib) = _forward_pair(config, block_diagonal_heads=True)
     np.testing.assert_allclose(a, b, atol=1e-6)
     for x, y in zip(ia["attention_scores"] + ia["hidden_states"],
                     ib["attention_scores"] + ib["hidden_states"], strict=True):
@@ -196,12 +201,7 @@ def test_cls_only_last_layer_gives_the_same_logits(choice, block_diagonal):
     # the earlier layers' intermediates too; the last hidden state is the [CLS] row.
     config = BertConfig.tiny(num_labels=3).with_approximation(choice).replace(
         block_diagonal_heads=block_diagonal)
-    params = init_params(config, 1)
-    ids = np.array([[5, 9, 33, 7, 0, 0], [3, 4, 5, 6, 7, 8]])
-    mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6])
-    a, ia = forward(config, params, ids, mask, output_intermediates=True)
-    b, ib = forward(config.replace(cls_only_last_layer=True), params, ids, mask,
-                    output_intermediates=True)
+    (a, ia), (b, ib) = _forward_pair(config, cls_only_last_layer=True)
     np.testing.assert_allclose(a, b, atol=1e-5)
     for x, y in zip(ia["hidden_states"][:-1], ib["hidden_states"][:-1], strict=True):
         np.testing.assert_array_equal(x, y)

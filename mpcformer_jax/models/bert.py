@@ -213,7 +213,7 @@ class BertSelfAttention(nn.Module):
     def __call__(self, x: Array, mask: Array, deterministic: bool,
                  key_weights: Array | None = None):
         cfg = self.config
-        batch, seq_len, hidden = x.shape
+        batch, _, hidden = x.shape
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
 
         def split(t):
