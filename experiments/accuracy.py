@@ -38,8 +38,8 @@ from mpcformer_jax.private import run
 from mpcformer_jax.private.model import (
     client_table,
     encode_client_inputs,
-    make_private_forward,
     prepare,
+    reference_forward,
 )
 from mpcformer_jax.private.runtime import stdout_to_stderr
 
@@ -65,7 +65,7 @@ def evaluate(config, params, tok, buckets: list[int], n_private: int, batch: int
     # client's input (public-table rows, hash-checked, or one-hot rows).
     config, params = prepare(config, params)
     table = client_table(config)
-    fwd = jax.jit(make_private_forward(config))
+    fwd = jax.jit(reference_forward(config))
     plain = []
     for start in range(0, len(tok), 64):
         b = padded(tok, range(start, min(start + 64, len(tok))), length)

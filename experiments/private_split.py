@@ -127,8 +127,8 @@ def run_split(args) -> dict:
     from mpcformer_jax.private.model import (
         client_table,
         encode_client_inputs,
-        make_private_forward,
         prepare,
+        reference_forward,
         tokenize,
     )
 
@@ -149,7 +149,7 @@ def run_split(args) -> dict:
     todo = [q for q in queries if tuple(q) not in done]
     print(f"{name}: {len(queries) - len(todo)} of {len(queries)} queries already answered; "
           f"{len(todo)} to go", file=sys.stderr)
-    fwd = jax.jit(make_private_forward(config))
+    fwd = jax.jit(reference_forward(config))
     with tempfile.TemporaryDirectory(prefix="split_") as state, open(out, "a") as f:
         service, client, restarts, k = None, None, 0, 0
         try:

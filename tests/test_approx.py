@@ -347,3 +347,28 @@ def test_mixed_norm_names_one_spelling_and_clear_errors():
         approx.Approximation.parse("quad+2quad+layernorm@2")
     with pytest.raises(ValueError, match="Unknown normalisation approximation 'batchnorm'"):
         approx.get_norm("batchnorm@1")
+
+
+def _spu_tanh_as_spu_writes_it(x):
+    """SPU 0.9.5's ``tanh_chebyshev`` step by step: clamp to [-5, 5], scale by 0.2, then the
+    recurrence P_{k+1} = (4 t^2 - 2) P_k - P_{k-1} from P_0 = t, P_1 = t (4 t^2 - 3)."""
+    t = np.clip(np.asarray(x, np.float64), -5.0, 5.0) * 0.2
+    y = 4.0 * t * t - 2.0
+    poly = [t, t * (y - 1.0)]
+    while len(poly) < len(approx.SPU_TANH_COEFFS):
+        poly.append(y * poly[-1] - poly[-2])
+    return np.stack(poly, -1) @ np.asarray(approx.SPU_TANH_COEFFS)
+
+
+def test_spu_tanh_is_spus_polynomial_at_lower_depth():
+    x = np.linspace(-12.0, 12.0, 4801, dtype=np.float32)
+    got = np.asarray(approx.spu_tanh(jnp.asarray(x)))
+    np.testing.assert_allclose(got, _spu_tanh_as_spu_writes_it(x), atol=3e-6)
+    # The accuracy its docstring states (SPU's own).
+    error = np.abs(got - np.tanh(x))
+    assert error.max() < 4.9e-3
+    assert error[np.abs(x) <= 0.1].max() < 6e-4 and error[np.abs(x) <= 1].max() < 4.3e-3
+    # Saturated: past the clamp the value is the series at +-1, odd.
+    edge = float(np.sum(approx.SPU_TANH_COEFFS))
+    np.testing.assert_allclose(got[[0, -1]], [-edge, edge], atol=3e-6)
+    np.testing.assert_allclose(got, -got[::-1], atol=3e-6)

@@ -27,8 +27,8 @@ from mpcformer_jax.private.config import CONFIG_DIR
 from mpcformer_jax.private.model import (
     compile_for,
     encode_client_inputs,
-    make_private_forward,
     prepare,
+    reference_forward,
 )
 
 
@@ -102,7 +102,7 @@ def measure(variant: Variant, shape: Shape, protocol: str, layers: int, *,
     cpu_s = (_cpu_seconds() - cpu_start) / (1 + warm)
     total_s = time.perf_counter() - start
     # The plaintext comparison runs outside that window (its XLA compile is CPU time too).
-    plain = np.asarray(jax.jit(make_private_forward(config))(params, one_hot, mask))
+    plain = np.asarray(jax.jit(reference_forward(config))(params, one_hot, mask))
     diff = float(np.max(np.abs(plain - result.logits)))
     agree = float(np.mean(plain.argmax(-1) == result.logits.argmax(-1)))
     return Record(

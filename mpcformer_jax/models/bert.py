@@ -373,8 +373,11 @@ class BertPooler(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array):
-        squash = approx.get_pooler(self.config.pooler_act)  # tanh in BERT
-        return squash(_dense(self.config, self.config.hidden_size, "dense")(x[:, 0]))
+        cfg = self.config
+        # tanh in BERT; under MPC SPU's own tanh series, evaluated at lower depth.
+        squash = approx.spu_tanh if cfg.chebyshev_pooler and cfg.pooler_act == "tanh" \
+            else approx.get_pooler(cfg.pooler_act)
+        return squash(_dense(cfg, cfg.hidden_size, "dense")(x[:, 0]))
 
 
 class BertModel(nn.Module):

@@ -62,6 +62,11 @@ class BertConfig:
         weights (``models.fold.fold_norms``, sites chosen by ``norm_fold_sites`` from the
         architecture alone): an affine site there is skipped, an exact LayerNorm there
         normalises without its scale and bias. Set by ``private.model.prepare``.
+      chebyshev_pooler: a tanh pooler computes SPU's own tanh series (``approx.spu_tanh``:
+        the polynomial SPU would evaluate, at less than half its communication depth), so
+        the private forward is what SPU computed before, and within 4.9e-3 of tanh. No
+        effect on another pooler. Set by ``private.model.prepare``, never for training;
+        ``private.model.reference_forward`` turns it off to compare with the trained model.
       beaver_cache_weights: mark the weight matrices for SPU's Beaver cache (SEMI2K): a
         node opens each weight's mask once in its life and replays it in every later
         query, instead of once per query. Compilation only; set by ``prepare``.
@@ -111,6 +116,7 @@ class BertConfig:
     gram_variance: bool = False
     cls_only_last_layer: bool = False
     folded_norm_sites: tuple[int, ...] = ()
+    chebyshev_pooler: bool = False
     beaver_cache_weights: bool = False
     stored_qkv: bool = False
     client_key_weights: bool = False

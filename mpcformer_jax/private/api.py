@@ -25,8 +25,8 @@ from mpcformer_jax.private.model import (
     client_table,
     compile_for,
     encode_client_inputs,
-    make_private_forward,
     prepare,
+    reference_forward,
     tokenize,
 )
 
@@ -151,7 +151,7 @@ def run(model, batch, protocol: str | None = None, *, config=None, max_length: i
     report.compile_s = compile_s
     result = PrivateResult(logits, report)
     if compare:
-        plain = np.asarray(jax.jit(make_private_forward(model_config))(params, client_input,
+        plain = np.asarray(jax.jit(reference_forward(model_config))(params, client_input,
                                                                        mask_f))
         result.plaintext_logits = plain
         result.max_abs_diff = float(np.max(np.abs(plain - logits)))
