@@ -321,7 +321,7 @@ TWO_QUAD_C = 5.0  # MPCFormer's c, shared by every 2Quad normaliser
 
 def two_quad_len(scores: Array, mask: Array, c: float = TWO_QUAD_C, *,
                  values: Array | None = None, key_weights: Array | None = None,
-                 mix: float = 1.0):
+                 mix: float = 1.0, batched: bool = False):
     """2Quad normalised by the number of valid keys: (s + c)^2 / c^2 * mask / n, with
     n = sum(mask), the row's number of real tokens (this project, issue 19).
 
@@ -338,6 +338,10 @@ def two_quad_len(scores: Array, mask: Array, c: float = TWO_QUAD_C, *,
     ``values``: see ``_finish``; the key weights multiply the values (K x head_dim per
     head) and nothing is divided afterwards (reciprocal None).
 
+    ``batched``: with ``values``, the square and the values' key weighting run as one
+    elementwise product (``elementwise_products``; the same numbers, one round trip fewer a
+    layer under MPC). Set for a model prepared for MPC (``BertConfig.folded``).
+
     ``mix`` < 1 is for training only (``BertConfig.softmax_mix``): each row is then
     (1 - mix) times 2Quad's plus mix times this one, divided per row, so a student started
     from a row-normalised network can be moved to unnormalised rows in steps (an affine
@@ -348,10 +352,33 @@ def two_quad_len(scores: Array, mask: Array, c: float = TWO_QUAD_C, *,
         return _two_quad_mixed(scores, mask, c, values, mix)
     if key_weights is None:
         key_weights = query_key_weights(mask.reshape(mask.shape[0], mask.shape[-1]), c)
-    weights = jnp.square(scores + c)
+    shifted = scores + c
     if values is None:
-        return weights * key_weights[:, None, None, :].astype(weights.dtype)
-    return weights, values * key_weights[:, :, None, None].astype(values.dtype), None
+        return jnp.square(shifted) * key_weights[:, None, None, :].astype(scores.dtype)
+    per_key = key_weights[:, :, None, None].astype(values.dtype)
+    if batched:
+        weights, masked_values = elementwise_products((shifted, shifted), (values, per_key))
+    else:
+        weights, masked_values = jnp.square(shifted), values * per_key
+    return weights, masked_values, None
+
+
+def elementwise_products(*pairs: tuple[Array, Array]) -> list[Array]:
+    """``[a * b for a, b in pairs]`` (b broadcast to a's shape) as one elementwise product of
+    the pairs' flattened concatenation.
+
+    Why: SPU runs ops one after another, and each product op pays its own round trips (under
+    ABY3 a reshare and a truncation, about 3 rounds) whatever its size. Independent products
+    batched into one op pay them once; concatenating, reshaping and slicing shares is free.
+    """
+    left = jnp.concatenate([a.reshape(-1) for a, _ in pairs])
+    right = jnp.concatenate([jnp.broadcast_to(b, a.shape).reshape(-1) for a, b in pairs])
+    product = left * right
+    out, start = [], 0
+    for a, _ in pairs:
+        out.append(product[start:start + a.size].reshape(a.shape))
+        start += a.size
+    return out
 
 
 def _two_quad_mixed(scores: Array, mask: Array, c: float, values: Array | None, mix: float):

@@ -372,3 +372,21 @@ def test_spu_tanh_is_spus_polynomial_at_lower_depth():
     edge = float(np.sum(approx.SPU_TANH_COEFFS))
     np.testing.assert_allclose(got[[0, -1]], [-edge, edge], atol=3e-6)
     np.testing.assert_allclose(got, -got[::-1], atol=3e-6)
+
+
+def test_elementwise_products_batch_without_changing_a_value():
+    rng = np.random.default_rng(0)
+    scores = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+    values = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+    weights = jnp.asarray(rng.uniform(size=(2, 5, 1, 1)), jnp.float32)
+    square, scaled = approx.elementwise_products((scores, scores), (values, weights))
+    np.testing.assert_array_equal(square, scores * scores)
+    np.testing.assert_array_equal(scaled, values * weights)
+    # 2quad_len batched (what prepare sets) is bit-identical to its two products.
+    mask = jnp.ones((2, 5)).at[:, 3:].set(0.0)
+    key_mask = mask[:, None, None, :]
+    plain = approx.two_quad_len(scores, key_mask, values=values)
+    batched = approx.two_quad_len(scores, key_mask, values=values, batched=True)
+    for a, b in zip(plain[:2], batched[:2], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert plain[2] is None and batched[2] is None

@@ -311,6 +311,23 @@ def test_chebyshev_pooler_is_spus_tanh_at_half_the_rounds():
     assert ours.report.total.rounds < spus.report.total.rounds
 
 
+def test_batched_products_save_a_round_trip_a_layer():
+    # prepare's batched_products: 2quad_len's square and its values' weighting, one op.
+    config = BertConfig.tiny(vocab_size=100).with_approximation("quad+2quad_len+affine")
+    params = init_params(config, 0)
+    batch = _batch(config.vocab_size)
+    ours = run((config, params), batch, protocol="ABY3")
+    apart = run((config, params), batch, protocol="ABY3", lowering={"batched_products": False})
+    np.testing.assert_allclose(ours.plaintext_logits, apart.plaintext_logits, atol=1e-6)
+    assert ours.max_abs_diff < TOL and ours.label_agreement == 1.0
+    np.testing.assert_allclose(ours.logits, apart.logits, atol=TOL)
+    normaliser = ours.report.groups["attention_normaliser"]
+    separate = apart.report.groups["attention_normaliser"]
+    assert normaliser.bytes == separate.bytes  # the same products, in fewer ops
+    assert normaliser.messages < separate.messages
+    assert normaliser.rounds <= separate.rounds - 2 * config.num_hidden_layers
+
+
 def test_client_key_weights_remove_the_per_query_reciprocal():
     from mpcformer_jax.private.model import encode_client_inputs, prepare
 

@@ -254,6 +254,7 @@ class BertSelfAttention(nn.Module):
         extra = {} if bound is None else {"bound": bound}
         if cfg.softmax_act in approx.PER_QUERY_KEY_WEIGHTS:
             extra["key_weights"] = key_weights  # computed once per query (BertLayerStack)
+            extra["batched"] = cfg.batched_products  # set by prepare (MPC only)
             if cfg.softmax_mix < 1.0:  # training a student into it (approx.two_quad_len)
                 extra["mix"] = cfg.softmax_mix
         weights, values, reciprocal = approx.get_normaliser(cfg.softmax_act)(

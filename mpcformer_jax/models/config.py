@@ -62,6 +62,10 @@ class BertConfig:
         weights (``models.fold.fold_norms``, sites chosen by ``norm_fold_sites`` from the
         architecture alone): an affine site there is skipped, an exact LayerNorm there
         normalises without its scale and bias. Set by ``private.model.prepare``.
+      batched_products: independent elementwise products of a layer run as one product
+        op (``approx.elementwise_products``): 2quad_len's square and its values' key
+        weighting. The same numbers; under MPC one round trip fewer a layer. Set by
+        ``private.model.prepare``, never for training.
       chebyshev_pooler: a tanh pooler computes SPU's own tanh series (``approx.spu_tanh``:
         the polynomial SPU would evaluate, at less than half its communication depth), so
         the private forward is what SPU computed before, and within 4.9e-3 of tanh. No
@@ -116,6 +120,7 @@ class BertConfig:
     gram_variance: bool = False
     cls_only_last_layer: bool = False
     folded_norm_sites: tuple[int, ...] = ()
+    batched_products: bool = False
     chebyshev_pooler: bool = False
     beaver_cache_weights: bool = False
     stored_qkv: bool = False

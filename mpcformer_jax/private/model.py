@@ -45,13 +45,17 @@ from mpcformer_jax.private.compile import compile_cached
 # * fold_norms (every protocol): affine norm sites, and exact LayerNorms' scale and bias,
 #   moved into the Dense layers that read and write the residual stream where a public rule
 #   of the architecture allows (``models.fold.fold_norms``): a folded site costs nothing.
+# * batched_products (every protocol): a layer's independent elementwise products as one
+#   product op (2quad_len's square and its values' key weighting): SPU pays a product op's
+#   round trips once whatever its size (under ABY3 about 3 rounds a layer fewer).
 # * chebyshev_pooler (every protocol): a tanh pooler evaluates the polynomial SPU's own tanh
 #   evaluates (``approx.spu_tanh``) with one comparison instead of two and five sequential
 #   products instead of nine: under ABY3 25 rounds a query instead of 50. The private
 #   forward computes what it computed before; the plaintext side compares with tanh
 #   (``reference_forward``).
 _EVERY_PROTOCOL = {"block_diagonal_heads": True, "gram_variance": True,
-                   "cls_only_last_layer": True, "fold_norms": True, "chebyshev_pooler": True}
+                   "cls_only_last_layer": True, "fold_norms": True,
+                   "batched_products": True, "chebyshev_pooler": True}
 LOWERING: dict[str, dict[str, bool]] = {
     "ABY3": dict(_EVERY_PROTOCOL),
     "SEMI2K": {**_EVERY_PROTOCOL, "beaver_cache_weights": True},
