@@ -9,7 +9,8 @@
 
 Each (protocol, shape, approximation) runs at the shape's ``fit_layers`` (1 and 2 encoder layers)
 and is extrapolated linearly to 12 (``--full-depth`` also runs all 12 layers, which is how
-the extrapolation was validated). Raw records accumulate in ``results/benchmark_raw.json`` (a
+the extrapolation was validated; a table whose every row has a full-depth run shows those
+runs, ``report.table_records``). Raw records accumulate in ``results/benchmark_raw.json`` (a
 rerun skips what is there; ``--force`` redoes it); tables go to ``results/benchmark.md`` and
 ``results/benchmark.json``, the figure to ``results/benchmark.png``.
 """
@@ -83,8 +84,8 @@ def write_outputs(store, args, variants, opts, out: Path) -> list[dict]:
     tables, panels, md = [], {}, []
     for protocol in args.protocols:
         for shape in (SHAPES[s] for s in args.shapes):
-            recs = [r for v in variants
-                    if (r := report.full_depth(store, protocol, shape, v.approximation, **opts))]
+            recs = report.table_records(store, protocol, shape,
+                                        [v.approximation for v in variants], **opts)
             if not recs:
                 continue
             rows = report.build_rows(recs)

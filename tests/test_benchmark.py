@@ -120,6 +120,22 @@ def test_store_rows_and_writers(tmp_path):
                       layers=2) != per_head
     store.records.remove(per_head)
     recs = [report.full_depth(store, "ABY3", shape, a) for a in (EXACT, QUAD, FLOOR)]
+    # A table takes one method for every row: extrapolated while a row lacks a real
+    # 12-layer run, the real runs once every row has one.
+    assert report.table_records(store, "ABY3", shape, (EXACT, QUAD, FLOOR)) == recs
+    for a, per_layer in ((EXACT, 21.0), (QUAD, 4.5)):
+        store.add(_record(a, 12, per_layer=per_layer, shape=shape.name))
+    assert report.table_records(store, "ABY3", shape, (EXACT, QUAD, FLOOR)) == recs
+    store.add(_record(FLOOR, 12, per_layer=2.5, shape=shape.name))
+    real = report.table_records(store, "ABY3", shape, (EXACT, QUAD, FLOOR))
+    assert [r.layers for r in real] == [12] * 3 and not any(r.extrapolated_from for r in real)
+    assert [r.wall_s for r in real] == \
+        [store.find(protocol="ABY3", shape=shape.name, approximation=a, layers=12).wall_s
+         for a in (EXACT, QUAD, FLOOR)]
+    assert real[1].wall_s != recs[1].wall_s
+    for r in real:
+        store.records.remove(store.find(protocol="ABY3", shape=shape.name,
+                                        approximation=r.approximation, layers=12))
     rows = report.build_rows(recs)
     q = rows[1]
     assert q["bytes_vs_floor"] == pytest.approx((10 + 48) / (10 + 24))

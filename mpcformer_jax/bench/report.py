@@ -67,6 +67,23 @@ def full_depth(store: Store, protocol: str, shape, approximation: Approximation,
     return None if measured is None else dataclasses.replace(measured, extrapolated_from=None)
 
 
+def table_records(store: Store, protocol: str, shape, approximations, **opts) -> list[Record]:
+    """One table's full-depth records, all obtained the same way: the real full-depth runs
+    when every approximation has one (``--full-depth``), else ``full_depth`` (extrapolated).
+
+    Bytes, messages and rounds extrapolate exactly (up to the per-party split of rounds);
+    compute does not: it is fixed + per_layer * n with per_layer the difference of two short
+    runs' CPU seconds, so their noise is multiplied by the layers added (base-128, 5 and 6
+    layers to 12: 7x; measured, a shipped variant's 12-layer CPU seconds extrapolated to 63.3
+    and to 100.8 where the real runs took 78.2 and 78.7). A real run has no such factor.
+    """
+    measured = [store.find(protocol=protocol, shape=shape.name, approximation=a,
+                           layers=shape.layers, **opts) for a in approximations]
+    if measured and all(measured):
+        return [dataclasses.replace(r, extrapolated_from=None) for r in measured]
+    return [r for a in approximations if (r := full_depth(store, protocol, shape, a, **opts))]
+
+
 VALIDATED = ("bytes", "messages", "rounds", "wall_s", "cpu_s")
 
 
