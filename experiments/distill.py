@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pkgutil
+import re
 import sys
 
 from experiments import configs
@@ -48,12 +49,46 @@ def load_config(spec: str) -> DistillConfig:
     return module.get_config(variant) if variant else module.get_config()
 
 
-def expected_table(spec: str) -> str | None:
-    """The table rows (``| ... |`` lines) the config ``spec`` records for its run, or None."""
+def expected_tables(spec: str) -> dict[str, str]:
+    """The tables (``| ... |`` rows) the config ``spec`` records for its run, by the CPU they
+    were printed on (``host_cpu``); empty when it records none."""
     name, _, variant = spec.partition(":")
     module = importlib.import_module(f"experiments.configs.{name}")
-    table = getattr(module, "EXPECTED", {}).get(variant)
-    return None if table is None else table_rows(table)
+    tables = getattr(module, "EXPECTED", {}).get(variant) or {}
+    return {cpu: table_rows(table) for cpu, table in tables.items()}
+
+
+def expected_table(spec: str, cpu: str | None = None) -> str | None:
+    """The table ``spec`` records for ``cpu`` (default: this machine's), or None."""
+    return expected_tables(spec).get(cpu or host_cpu())
+
+
+def host_cpu() -> str:
+    """The CPU XLA compiles a run for: vendor, family, model and vector ISA, from
+    /proc/cpuinfo (the ISA capped by ``XLA_FLAGS=--xla_cpu_max_isa=...``); "unknown" where
+    there is no /proc/cpuinfo.
+
+    Why a recorded table names one: XLA:CPU compiles for the host, so another CPU model rounds
+    a few results differently, and a training run, deterministic on one machine, diverges
+    from another's. Measured (the default run, session 17): the same code printed one table
+    twice on an AMD EPYC with AVX-512, another with XLA capped at AVX2 there, and a third on
+    sessions 14-16's machine.
+    """
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = info.get("flags", "").split()
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    capped = re.search(r"xla_cpu_max_isa=(\w+)", os.environ.get("XLA_FLAGS", ""))
+    if capped:
+        isa = capped.group(1).lower()
+    return (f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} "
+            f"model {info.get('model', '?')} {isa}")
 
 
 def table_rows(text: str) -> str:
@@ -187,11 +222,17 @@ def _expected_for(args) -> str:
         raise ValueError(f"--check-expected compares with the recorded run of {args.config}; "
                          f"{', '.join(changing)} would change it: drop the override or the "
                          "check.")
-    expected = expected_table(args.config)
-    if expected is None:
+    tables = expected_tables(args.config)
+    if not tables:
         raise ValueError(f"{args.config} records no expected table (EXPECTED in its config "
                          "module); run without --check-expected.")
-    return expected
+    cpu = host_cpu()
+    if cpu not in tables:
+        raise ValueError(f"{args.config} records no table for this CPU ({cpu}), only for: "
+                         f"{'; '.join(tables)}. XLA compiles for the host CPU, so another "
+                         "model's run differs (host_cpu); run without --check-expected and "
+                         "record this machine's table in EXPECTED.")
+    return tables[cpu]
 
 
 if __name__ == "__main__":

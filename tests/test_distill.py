@@ -197,27 +197,45 @@ def test_the_recorded_default_table_is_what_format_table_prints_for_it():
     def row(model, approximation, dev, test, ratio):
         return {"model": model, "approximation": approximation, "dev": dev,
                 "test": {"main": test, "accuracy": test}, "vs_teacher": ratio}
-    # Test accuracies as the run counted them: right answers of 965.
+    # Test accuracies as the run counted them: right answers of 965 (the AVX-512 EPYC's run).
     results = {"rows": [row("teacher", "gelu+softmax", 0.7550, 762 / 965, 1.0),
-                        row("student (stage 1)", "quad+2quad", 0.7450, 759 / 965, 759 / 762),
-                        row("student (stage 1)", "quad+2quad_len", 0.7450, 757 / 965,
-                            757 / 762),
-                        row("student (KD)", "quad+2quad_len+affine@4:8", 0.7575, 762 / 965,
-                            1.0)],
+                        row("student (stage 1)", "quad+2quad", 0.7375, 763 / 965, 763 / 762),
+                        row("student (stage 1)", "quad+2quad_len", 0.7475, 764 / 965,
+                            764 / 762),
+                        row("student (KD)", "quad+2quad_len+affine@4:8", 0.7600, 745 / 965,
+                            745 / 762)],
                "sizes": {"train": 1600, "dev": 400, "test": 965}, "task": "rt", "seconds": 1.0}
     printed = format_table(results)
-    assert distill.table_rows(printed) == distill.expected_table("default")
+    epyc = "AuthenticAMD family 25 model 17 avx512"
+    assert distill.table_rows(printed) == distill.expected_table("default", epyc)
     assert "1 s." in printed and "1 s." not in distill.table_rows(printed)  # time: not a result
+    # Each CPU its own table: the same machine with XLA capped at AVX2 printed another.
+    assert distill.expected_table("default", epyc.replace("avx512", "avx2")) != \
+        distill.expected_table("default", epyc)
     results["rows"][3]["test"]["accuracy"] = 0.7959  # one figure moved: no longer equal
-    assert distill.table_rows(format_table(results)) != distill.expected_table("default")
+    assert distill.table_rows(format_table(results)) != distill.expected_table("default", epyc)
     assert distill.expected_table("rt_full") is None
+    assert distill.expected_table("default", "unknown") is None
 
 
-def test_check_expected_refuses_before_any_work(capsys):
+def test_host_cpu_names_the_isa_xla_compiles_for(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    cpu = distill.host_cpu()
+    assert cpu == "unknown" or " family " in cpu and cpu.split()[-1] in ("avx512", "avx2", "sse")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    assert cpu == "unknown" or distill.host_cpu().endswith(" avx2")
+
+
+def test_check_expected_refuses_before_any_work(capsys, monkeypatch):
     assert distill.main(["--check-expected", "--set", "stage1.epochs=1"]) == 2
     assert "stage1.epochs=1 would change it" in capsys.readouterr().err
     assert distill.main(["--config", "rt_full", "--check-expected"]) == 2
     assert "records no expected table" in capsys.readouterr().err
+    monkeypatch.setattr(distill, "host_cpu", lambda: "GenuineIntel family 6 model 85 avx512")
+    assert distill.main(["--check-expected"]) == 2
+    err = capsys.readouterr().err
+    assert "no table for this CPU (GenuineIntel family 6 model 85 avx512)" in err
+    assert "AuthenticAMD family 25 model 17 avx512" in err
 
 
 # ------------------------------------------------------------------ students

@@ -74,8 +74,9 @@ def table_records(store: Store, protocol: str, shape, approximations, **opts) ->
     Bytes, messages and rounds extrapolate exactly (up to the per-party split of rounds);
     compute does not: it is fixed + per_layer * n with per_layer the difference of two short
     runs' CPU seconds, so their noise is multiplied by the layers added (base-128, 5 and 6
-    layers to 12: 7x; measured, a shipped variant's 12-layer CPU seconds extrapolated to 63.3
-    and to 100.8 where the real runs took 78.2 and 78.7). A real run has no such factor.
+    layers to 12: 7x; measured, ``@4:8+linear``'s 12-layer CPU seconds extrapolated to 63.3
+    and to 100.8 in two runs whose real 12-layer runs took 78.2 and 78.7). A real run has no
+    such factor.
     """
     measured = [store.find(protocol=protocol, shape=shape.name, approximation=a,
                            layers=shape.layers, **opts) for a in approximations]
