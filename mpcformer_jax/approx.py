@@ -340,7 +340,7 @@ def two_quad_len(scores: Array, mask: Array, c: float = TWO_QUAD_C, *,
 
     ``batched``: with ``values``, the square and the values' key weighting run as one
     elementwise product (``elementwise_products``; the same numbers, one round trip fewer a
-    layer under MPC). Set for a model prepared for MPC (``BertConfig.folded``).
+    layer under MPC). Set for a model prepared for MPC (``BertConfig.batched_products``).
 
     ``mix`` < 1 is for training only (``BertConfig.softmax_mix``): each row is then
     (1 - mix) times 2Quad's plus mix times this one, divided per row, so a student started
