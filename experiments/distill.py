@@ -29,6 +29,7 @@ import os
 import pkgutil
 import re
 import sys
+from pathlib import Path
 
 from experiments import configs
 from mpcformer_jax.pipeline import check_config, format_table, run_pipeline
@@ -75,7 +76,7 @@ def host_cpu() -> str:
     sessions 14-16's machine.
     """
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown"
     info: dict[str, str] = {}
